@@ -1,0 +1,170 @@
+"""Sampling parameters and the batched sampler.
+
+Every request carries its own ``torch.Generator``: the random numbers a request consumes
+depend only on its seed and its own step count, never on what else is in the batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to generate. ``None`` means "the checkpoint's generation_config.json, else the
+    built-in default"; ``temperature=0`` means greedy."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top-k
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    def validate(self) -> "SamplingParams":
+        def bad(name, value, want):
+            raise ValueError(f"{name}: {want} (got {value!r})")
+
+        def number(name, v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
+            bad("max_tokens", self.max_tokens, "must be a positive integer")
+        if self.temperature is not None and (not number("temperature", self.temperature) or not 0 <= self.temperature <= 100):
+            bad("temperature", self.temperature, "must be a number in [0, 100]")
+        if self.top_p is not None and (not number("top_p", self.top_p) or not 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "must be a number in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1):
+            bad("top_k", self.top_k, "must be an integer >= -1 (0 or -1 disable it)")
+        if self.repetition_penalty is not None and (not number("repetition_penalty", self.repetition_penalty)
+                                                    or not 0 < self.repetition_penalty <= 10):
+            bad("repetition_penalty", self.repetition_penalty, "must be a number in (0, 10]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not number(name, v) or not -2 <= v <= 2:
+                bad(name, v, "must be a number in [-2, 2]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2 ** 63) <= self.seed < 2 ** 64):
+            bad("seed", self.seed, "must be an integer")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, "must be a list of non-negative integers")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        return self
+
+    def with_defaults(self, generation_config: dict | None) -> "SamplingParams":
+        """Fill unset fields from generation_config.json (as vLLM does), then built-in defaults."""
+        g = generation_config or {}
+        greedy_default = g.get("do_sample") is False
+        filled = replace(self)
+        if filled.temperature is None:
+            filled.temperature = 0.0 if greedy_default else float(g.get("temperature", 1.0))
+        if filled.top_p is None:
+            filled.top_p = float(g.get("top_p", 1.0))
+        if filled.top_k is None:
+            filled.top_k = int(g.get("top_k", 0) or 0)
+        if filled.repetition_penalty is None:
+            filled.repetition_penalty = float(g.get("repetition_penalty", 1.0))
+        if filled.max_tokens is None:
+            filled.max_tokens = int(g.get("max_new_tokens", 0) or 256)
+        if filled.seed is None:
+            filled.seed = int.from_bytes(os.urandom(8), "little") >> 1
+        return filled.validate()
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed % (2 ** 64))
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output: torch.Tensor,
+                    repetition: float, presence: float, frequency: float) -> torch.Tensor:
+    """One row. ``history``: prompt + output ids (repetition penalty, as in transformers);
+    ``output``: generated ids only (OpenAI presence/frequency penalties)."""
+    if repetition != 1.0 and history.numel():
+        seen = history.unique()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / repetition, picked * repetition)
+    if (presence or frequency) and output.numel():
+        counts = torch.bincount(output, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)
+        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """One row of temperature-scaled logits -> the same with excluded tokens at -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@dataclass
+class SampleResult:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def sample_rows(logits: torch.Tensor, rows: list) -> list[SampleResult]:
+    """logits [B, V] float32, one row per request; ``rows[b]`` has ``params`` (filled),
+    ``generator``, ``history_ids`` and ``output_ids``."""
+    logits = logits.float()
+    raw_logprobs = None
+    if any(r.params.logprobs is not None for r in rows):
+        raw_logprobs = logits.log_softmax(-1)
+    results = []
+    for b, r in enumerate(rows):
+        p = r.params
+        row = logits[b].clone()
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            device = row.device
+            history = torch.tensor(r.history_ids, dtype=torch.long, device=device)
+            output = torch.tensor(r.output_ids, dtype=torch.long, device=device)
+            row = apply_penalties(row, history, output, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        if p.temperature == 0:
+            token = int(row.argmax())
+        else:
+            row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
+            token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
+        result = SampleResult(token)
+        if p.logprobs is not None:
+            lp = raw_logprobs[b]
+            result.logprob = float(lp[token])
+            if p.logprobs > 0:
+                vals, ids = lp.topk(p.logprobs)
+                result.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+        results.append(result)
+    return results

@@ -1,0 +1,122 @@
+"""The Python API: ``LLM(model).generate(...)``, ``.chat(...)`` and their streaming variants.
+
+    from megrez import LLM, SamplingParams
+    llm = LLM("Infinigence/Megrez2-3x7B-A3B")            # or a local checkpoint directory
+    print(llm.chat([{"role": "user", "content": "你好"}]).text)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .engine import Engine, SamplingParams
+from .engine.sampling import SampleResult
+from .loading import load_model, resolve_model_path
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[SampleResult] = field(default_factory=list)
+
+
+def default_model() -> Path:
+    """The model used when none is named: the small model shipped with the package if present,
+    else a tiny random checkpoint generated once in the user's cache (no download)."""
+    shipped = Path(__file__).parent / "assets" / "megrez2-tiny-chat"
+    if (shipped / "config.json").is_file():
+        return shipped
+    cache = Path(os.environ.get("MEGREZ_CACHE", Path.home() / ".cache" / "megrez")) / "tiny-moe"
+    if not (cache / "config.json").is_file():
+        from .tiny import create_tiny
+
+        print(f"megrez: no model given; creating a tiny random Megrez2 checkpoint at {cache} "
+              f"(pass --model DIR or a hub id for a real one)", file=sys.stderr)
+        create_tiny(cache, arch="moe")
+    return cache
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
+                 router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 kv_cache_memory: int | None = None):
+        self.path = resolve_model_path(model) if model is not None else default_model()
+        overrides = {"router_bias": router_bias} if router_bias else {}
+        self.tokenizer = Tokenizer(self.path)
+        self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+        self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             kv_cache_memory=kv_cache_memory)
+
+    # ------------------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise TypeError("a prompt is a string or a list of token ids")
+
+    def _batch(self, prompts, params):
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(batch)
+        if len(plist) != len(batch):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(batch)} prompts")
+        return single, batch, plist
+
+    # ------------------------------------------------------------------------------ generation
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
+        """Complete raw prompts (text or token ids); a list in gives a list out."""
+        single, batch, plist = self._batch(prompts, params)
+        return self._run([self.encode_prompt(p) for p in batch], plist, single)
+
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs):
+        """Answer a conversation (a list of {"role", "content"}), or a list of conversations."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        plist = params if isinstance(params, list) else [params] * len(convs)
+        ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in convs]
+        return self._run(ids, plist, single)
+
+    def _run(self, prompt_ids: list[list[int]], plist, single: bool):
+        reqs = [self.engine.add_request(ids, p) for ids, p in zip(prompt_ids, plist)]
+        collected = {r.request_id: [] for r in reqs}
+        pending = set(collected)
+        while pending:
+            for out in self.engine.step():
+                if out.request_id in collected:
+                    collected[out.request_id] += out.new_logprobs
+                if out.finished:
+                    pending.discard(out.request_id)
+        results = [Completion(r.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids),
+                              collected[r.request_id]) for r in reqs]
+        return results[0] if single else results
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are generated."""
+        return self._stream(self.encode_prompt(prompt), params)
+
+    def chat_stream(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Iterator[str]:
+        return self._stream(self.tokenizer.encode_chat(messages, **template_kwargs), params)
+
+    def _stream(self, ids: list[int], params) -> Iterator[str]:
+        req = self.engine.add_request(ids, params)
+        self.last_request = req
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == req.request_id:
+                        if out.new_text:
+                            yield out.new_text
+                        if out.finished:
+                            return
+        finally:
+            if req.finish_reason is None:  # the consumer stopped early: free the cache slot
+                self.engine.abort(req.request_id)
+                self.engine.step()

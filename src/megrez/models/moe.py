@@ -1,0 +1,120 @@
+"""Mixture-of-experts pieces: routing as a pure function, a stacked expert bank, and the
+per-layer MoE block (router + shared experts; routed experts are passed in, because a bank
+is owned by one layer and used by every layer of its sharing group)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import MLP
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    top_k: int
+    scoring_func: str = "sigmoid"       # sigmoid | softmax
+    topk_method: str = "noaux_tc"       # noaux_tc | greedy | group_limited_greedy
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: RoutingConfig):
+    """Router logits [N, E] -> (weights [N, k] float32, expert indices [N, k]).
+
+    The correction bias only influences which experts are selected; the weights are the
+    unbiased scores of the selected experts."""
+    logits = logits.float()
+    n, e = logits.shape
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    if cfg.topk_method == "greedy":
+        weights, indices = scores.topk(cfg.top_k, dim=-1)
+    else:
+        choice = scores
+        if cfg.topk_method == "noaux_tc" and bias is not None:
+            choice = scores + bias.float()
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            grouped = choice.view(n, cfg.n_group, e // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+            else:
+                group_score = grouped.max(dim=-1).values
+            kept = group_score.topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(e // cfg.n_group, dim=1), float("-inf"))
+        indices = choice.topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob and cfg.top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices
+
+
+class Router(nn.Module):
+    # Selection is decided by small bias differences: keep the bias in float32 in any dtype.
+    float32_buffers = ("e_score_correction_bias",)
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        # Moved by load balancing, never by gradients: a buffer, saved with the weights.
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())  # router math in float32
+
+
+class ExpertBank(nn.Module):
+    """E SwiGLU experts stacked along the first dimension: gate/up [E, I, H], down [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, H], weights/indices [N, k] -> [N, H]. Tokens are sorted by expert so every
+        selected expert runs once over all tokens that chose it; unselected experts are not read."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k
+        xs = x[token_of]                                   # [N*k, H] grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            seg = xs[start:start + count]
+            hidden = F.silu(seg @ self.gate_proj[expert].t()) * (seg @ self.up_proj[expert].t())
+            ys[start:start + count] = hidden @ self.down_proj[expert].t()
+            start += count
+        ys = ys.float() * weights.reshape(-1)[order, None]
+        out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of, ys)
+        return out.to(x.dtype)
+
+
+class MoeBlock(nn.Module):
+    """One MoE layer's own parts: router and shared experts (and, on a group's owner layer,
+    the routed expert bank that the whole group uses)."""
+
+    def __init__(self, hidden: int, num_experts: int, expert_intermediate: int, n_shared: int,
+                 owns_bank: bool):
+        super().__init__()
+        self.gate = Router(hidden, num_experts)
+        self.shared_experts = MLP(hidden, n_shared * expert_intermediate) if n_shared else None
+        self.experts = ExpertBank(num_experts, hidden, expert_intermediate) if owns_bank else None
+
+    def forward(self, y: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, bank: ExpertBank):
+        b, t, h = y.shape
+        out = bank(y.reshape(b * t, h), weights, indices).view(b, t, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(y)
+        return out
