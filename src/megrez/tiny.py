@@ -100,7 +100,7 @@ def create_tiny(out: str | Path, arch: str = "moe", seed: int = 0, vocab_size: i
               "eos_token_id": turn_end, "pad_token_id": eos, "torch_dtype": "float32", **(overrides or {})}
     model = build_model(config)
     gen = torch.Generator().manual_seed(seed)
-    model.init_weights(std=0.02, generator=gen)
+    model.init_weights(std=0.08, generator=gen)
     with torch.no_grad():
         # Random weights are near zero; larger norms and routers make every part of the model
         # matter to the logits, and a non-zero correction bias makes the bias rules testable.
@@ -111,7 +111,7 @@ def create_tiny(out: str | Path, arch: str = "moe", seed: int = 0, vocab_size: i
                 p.normal_(0.0, 0.5, generator=gen)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=gen))
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
     model.hf_config = config
     return save_model(model, out, dtype=torch.float32,
                       extra_files=tokenizer_files(tok, config["max_position_embeddings"]))

@@ -145,8 +145,8 @@ class Engine:
                 admitted.append(req)
         decoding = list(self.running)
         if admitted:
-            outputs += self._finish_step(admitted, self._prefill(admitted))
             self.running += admitted
+            outputs += self._finish_step(admitted, self._prefill(admitted))
         if decoding:
             outputs += self._finish_step(decoding, self._decode(decoding))
         self.stats["steps"] += 1

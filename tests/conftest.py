@@ -1,0 +1,13 @@
+import pytest
+
+from megrez.tiny import create_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    return create_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-moe", arch="moe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory):
+    return create_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-dense", arch="dense", seed=0)
