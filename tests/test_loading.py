@@ -171,3 +171,23 @@ def test_interrupted_save_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
         save_model(model, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # old checkpoint intact
+
+
+def test_peak_host_memory_stays_near_model_size(tmp_path):
+    """Load a ~130 MB checkpoint in a fresh process: peak RSS grows by about one model, not two."""
+    import subprocess
+    import sys
+
+    from megrez.tiny import create_tiny
+
+    path = create_tiny(tmp_path / "big", "moe", overrides=dict(
+        hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_attention_heads=8,
+        num_key_value_heads=2, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4))
+    size = (path / "model.safetensors").stat().st_size
+    code = ("import resource, torch, megrez.loading as L\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"m = L.load_model({str(path)!r}, progress=False)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
+    grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert size > 100e6
+    assert grew < 1.3 * size, f"peak RSS grew {grew / size:.2f}x the checkpoint size"

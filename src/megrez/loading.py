@@ -3,8 +3,9 @@
 format back. Every failure is a :class:`CheckpointError` naming the file and tensor at fault.
 
 Loading never holds more than the model plus one tensor in host memory: parameters are
-allocated once in the target dtype/device and each checkpoint tensor is copied (and cast)
-into place from the memory-mapped file.
+allocated once in the target dtype/device, and each checkpoint tensor is read from its
+file on its own and copied (and cast) into place. (Memory-mapping whole shards would keep
+every page read so far resident until the shard is closed: up to a second model's worth.)
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .models import ConfigError, build_model
@@ -160,19 +160,15 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | Non
     targets.update(model.named_buffers())
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
     seen: dict[str, Path] = {}
+    readers = [SafetensorsFile(f) for f in files]  # validates every header before any copying
     total = sum(f.stat().st_size for f in files)
     from tqdm import tqdm
 
     show = progress if progress is not None else total > (512 << 20)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
-                                  f"is it truncated or corrupt?") from None
-        with handle as f:
-            for key in f.keys():
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
+        for reader in readers:
+            file = reader.path
+            for key in reader.keys():
                 if key not in names:
                     if IGNORED_TENSORS.match(key) or (tied and key == "lm_head.weight"):
                         continue
@@ -181,25 +177,83 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | Non
                     raise CheckpointError(f"{file}: tensor {key!r} also appears in {seen[key]}")
                 ours, index = names[key]
                 target = targets[ours] if index is None else targets[ours][index]
-                try:
-                    shape = list(f.get_slice(key).get_shape())
-                    if shape != list(target.shape):
-                        raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
-                                              f"expected {list(target.shape)} from config.json")
-                    tensor = f.get_tensor(key)
-                except SafetensorError as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e}); "
-                                          f"the file is truncated or corrupt") from None
+                shape = reader.shape(key)
+                if shape != list(target.shape):
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
+                                          f"expected {list(target.shape)} from config.json")
+                tensor = reader.read(key)
                 with torch.no_grad():
                     target.copy_(tensor)
                 seen[key] = file
                 bar.update(tensor.numel() * tensor.element_size())
-    bar.close()
+                del tensor
     missing = [k for k in names if k not in seen]
     if missing:
         where = files[0].parent
         raise CheckpointError(f"{where}: checkpoint is missing {len(missing)} tensor(s): "
                               + ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read one tensor at a time (8-byte header length, JSON header, data).
+    The header is checked against the file size up front, so truncation is reported before
+    anything is loaded, naming the first tensor that lies past the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+                if n < 2 or n > size - 8 or n > (100 << 20):
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); is it truncated or corrupt?") from None
+        header.pop("__metadata__", None)
+        self.data_start, data_size = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{path}: tensor {key!r} header is inconsistent ({nbytes} bytes for shape "
+                                      f"{shape}, offsets {begin}..{end}); the file is corrupt")
+            if end > data_size:
+                raise CheckpointError(f"{path}: tensor {key!r} ends at byte {self.data_start + end} but the file has "
+                                      f"{size} bytes; the file is truncated")
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def keys(self):
+        return list(self.entries)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.entries[key][1])
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: tensor {key!r} could not be read in full; the file is truncated")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _explain_unexpected(model, key: str) -> str:
