@@ -80,7 +80,7 @@ def test_eos_stops_generation_unless_ignored(llm, monkeypatch):
     base = llm.generate(PROMPTS[1], greedy(8))
     eos = base.token_ids[3]
     # Pretend the model's 4th greedy token is the checkpoint's end-of-turn token.
-    monkeypatch.setattr(llm.tokenizer, "stop_token_ids", frozenset({eos}))
+    monkeypatch.setattr(llm.engine, "stop_token_ids", frozenset({eos}))
     out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8))
     cut = base.token_ids.index(eos)
     assert out.finish_reason == "stop" and out.token_ids == base.token_ids[:cut + 1]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .engine import Engine, SamplingParams
+from .engine.offload import ExpertOffload, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
 from .tokenizer import Tokenizer
@@ -44,13 +45,27 @@ def default_model() -> Path:
 
 
 class LLM:
+    """A model, its tokenizer and an engine.
+
+    ``gpu_memory_budget`` (e.g. "6GiB"; Megrez2 only) keeps the routed experts in host memory
+    and caches them on the device within the budget, prefetching each layer's experts as soon
+    as the pre-gate names them (``offload_policy``: "group" or "lru"; ``prefetch=False`` to
+    compare)."""
+
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
                  router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 kv_cache_memory: int | None = None):
+                 kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
+                 offload_policy: str = "group", prefetch: bool = True):
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
         self.tokenizer = Tokenizer(self.path)
-        self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+        self.offload = None
+        if gpu_memory_budget is None:
+            self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+        else:
+            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu", **overrides)
+            self.offload, kv_cache_memory = plan_offload(self.model, parse_bytes(gpu_memory_budget),
+                                                         kv_cache_memory, offload_policy, prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              kv_cache_memory=kv_cache_memory)
 
@@ -120,3 +135,29 @@ class LLM:
             if req.finish_reason is None:  # the consumer stopped early: free the cache slot
                 self.engine.abort(req.request_id)
                 self.engine.step()
+
+
+ACTIVATION_MARGIN = 256 << 20  # room for activations and logits on the device
+
+
+def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, prefetch: bool):
+    """Split a device memory budget: non-expert weights (already there), the KV cache, a margin
+    for activations, and an expert cache for the rest. Returns (offload, KV cache bytes)."""
+    args = model.args
+    if not hasattr(args, "owner"):
+        raise ValueError("--gpu-memory-budget offloads routed experts: it needs a Megrez2 (MoE) model")
+    device = model.model.embed_tokens.weight.device
+    resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    margin = ACTIVATION_MARGIN if device.type == "cuda" else 0
+    left = budget - resident - margin
+    kv = kv_cache_memory if kv_cache_memory is not None else max(min(1 << 30, left // 4), 0)
+    expert = 3 * args.hidden_size * args.moe_intermediate_size * next(model.parameters()).element_size()
+    need = args.num_experts_per_tok * expert
+    cache = left - kv
+    if cache < need:
+        raise ValueError(f"a memory budget of {budget / 2**30:.2f} GiB is too small: the non-expert weights take "
+                         f"{resident / 2**30:.2f} GiB, the KV cache {kv / 2**30:.2f} GiB and activations "
+                         f"{margin / 2**30:.2f} GiB, leaving {max(cache, 0) / 2**20:.0f} MiB for experts; one layer "
+                         f"needs {need / 2**20:.0f} MiB (raise the budget to at least "
+                         f"{(budget - cache + need) / 2**30:.2f} GiB)")
+    return ExpertOffload(model, device, cache, policy=policy, prefetch=prefetch), kv

@@ -128,26 +128,42 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 # ---------------------------------------------------------------------------------------- load
 
-def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Allocate a meta-built model on ``device`` in ``dtype``; routing biases stay float32."""
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                expert_device: torch.device | None = None) -> None:
+    """Allocate a meta-built model on ``device`` in ``dtype`` (routing biases stay float32).
+    With ``expert_device``, routed expert banks go there instead (host memory for offloading;
+    pinned when a GPU is present, so copies to it can be asynchronous)."""
+    from .models.moe import ExpertBank
+
     model.to(dtype)
     for module in model.modules():
         for name in getattr(module, "float32_buffers", ()):
             setattr(module, name, getattr(module, name).float())
-    model.to_empty(device=device)
+    pin = expert_device is not None and expert_device.type == "cpu" and torch.cuda.is_available()
+    for module in model.modules():
+        target = expert_device if (expert_device is not None and isinstance(module, ExpertBank)) else device
+        for name, p in module.named_parameters(recurse=False):
+            fresh = torch.empty(p.shape, dtype=p.dtype, device=target, pin_memory=pin and target == expert_device)
+            module._parameters[name] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=target)
+    if getattr(model.args, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: bool | None = None, **overrides):
+def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: bool | None = None,
+               expert_device: str | torch.device | None = None, **overrides):
     """Load a checkpoint directory (or hub id). Returns the model in eval mode, without grads.
 
-    ``overrides`` are config values set on top of config.json (e.g. ``router_bias="owner"``)."""
+    ``overrides`` are config values set on top of config.json (e.g. ``router_bias="owner"``);
+    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading)."""
     path = resolve_model_path(path)
     config = read_json(path / "config.json")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = build_model(config, source=str(path / "config.json"), **overrides)
-    materialize(model, device, dtype)
+    materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
     load_weights(model, checkpoint_shards(path), progress=progress)
     model.hf_config = config
     model.eval().requires_grad_(False)

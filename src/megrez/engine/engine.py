@@ -63,22 +63,28 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer, max_num_seqs: int = 16, max_model_len: int | None = None,
+    def __init__(self, model, tokenizer: Tokenizer | None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_waiting: int = 1024, prefill_chunk: int = 1024):
+        # Without a tokenizer the engine works on token ids only (benchmarks, tests): no text,
+        # no eos, no generation_config defaults.
         self.model, self.tokenizer = model, tokenizer
+        self.stop_token_ids = tokenizer.stop_token_ids if tokenizer else frozenset()
+        self.generation_config = tokenizer.generation_config if tokenizer else {}
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         layers, n_kv, head_dim = model.kv_layout()
         per_token = KVCache.bytes_per_token(layers, n_kv, head_dim, self.dtype)
         context = model.args.max_position_embeddings
-        self.max_model_len = min(max_model_len or context, context)
         if max_model_len and max_model_len > context:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
                              f"(max_position_embeddings={context})")
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_budget(self.device)
-        slots = min(max_num_seqs, budget // (per_token * self.max_model_len))
-        if slots < 1:
-            fit = budget // per_token
+        fit = budget // per_token
+        # Unless asked for a length: the model's context, shortened (not below 8K) when the
+        # budget cannot hold max_num_seqs sequences that long.
+        self.max_model_len = max_model_len or min(context, fit, max(fit // max_num_seqs, 8192))
+        slots = min(max_num_seqs, fit // max(self.max_model_len, 1))
+        if slots < 1 or self.max_model_len < 2:
             raise ValueError(f"KV cache budget of {budget / 2**20:.0f} MiB holds {fit} tokens, less than one "
                              f"sequence of max_model_len={self.max_model_len}; lower max_model_len or raise "
                              f"the KV cache memory")
@@ -96,7 +102,9 @@ class Engine:
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Request:
-        params = (params or SamplingParams()).with_defaults(self.tokenizer.generation_config)
+        params = (params or SamplingParams()).with_defaults(self.generation_config)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("prompt is empty")
@@ -115,7 +123,7 @@ class Engine:
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer())
+                          self.tokenizer.detokenizer() if self.tokenizer else _NoText())
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -213,7 +221,7 @@ class Engine:
 
     def _append_token(self, req: Request, sample: SampleResult) -> RequestOutput:
         p, token = req.params, sample.token
-        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids)
+        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_token_ids)
         new_ids = [token]
         if is_stop_token:
             req.finish_reason = "stop"
@@ -265,6 +273,14 @@ class Engine:
             for out in self.step():
                 if out.finished:
                     pending.discard(out.request_id)
+
+
+class _NoText:
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 def default_kv_budget(device: torch.device) -> int:

@@ -125,6 +125,9 @@ class Model(TransformerLM):
         # Called as hook(layer, indices [N, k], weights [N, k]) whenever a layer routes:
         # the place to record routing statistics or start fetching experts.
         self.routing_hooks: list[RoutingHook] = []
+        # Optional f(layer, weights, indices) -> (weights, indices) replacing the router's choice
+        # (to replay a recorded expert-selection trace); runs before the hooks.
+        self.routing_override = None
 
     def set_router_bias(self, mode: str) -> None:
         if mode not in ROUTER_BIAS_CHOICES:
@@ -141,6 +144,8 @@ class Model(TransformerLM):
     def route_layer(self, i: int, route_in: torch.Tensor):
         logits = self.layers[i].mlp.gate(route_in.reshape(-1, route_in.shape[-1]))
         weights, indices = route(logits, self.selection_bias(i), self.routing_cfg)
+        if self.routing_override is not None:
+            weights, indices = self.routing_override(i, weights, indices)
         for hook in self.routing_hooks:
             hook(i, indices, weights)
         return weights, indices

@@ -87,18 +87,25 @@ class ExpertBank(nn.Module):
         token_of = order // k
         xs = x[token_of]                                   # [N*k, H] grouped by expert
         ys = torch.empty_like(xs)
-        start = 0
+        starts, start = {}, 0
         for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            seg = xs[start:start + count]
-            hidden = F.silu(seg @ self.gate_proj[expert].t()) * (seg @ self.up_proj[expert].t())
-            ys[start:start + count] = hidden @ self.down_proj[expert].t()
-            start += count
+            if count:
+                starts[expert] = (start, start + count)
+                start += count
+        for expert, (gate, up, down) in self.expert_weights(list(starts)):
+            a, b = starts[expert]
+            seg = xs[a:b]
+            ys[a:b] = (F.silu(seg @ gate.t()) * (seg @ up.t())) @ down.t()
         ys = ys.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of, ys)
         return out.to(x.dtype)
+
+    def expert_weights(self, experts: list[int]):
+        """(expert, (gate [I, H], up [I, H], down [H, I])) for each requested expert, in an
+        order of the bank's choosing. Offloaded banks override this to serve device copies."""
+        for e in experts:
+            yield e, (self.gate_proj[e], self.up_proj[e], self.down_proj[e])
 
 
 class MoeBlock(nn.Module):

@@ -1,0 +1,297 @@
+"""``megrez bench``: engine speed on a named real model shape with random weights (nothing to
+download) or on a checkpoint, next to the hardware ceilings measured in the same run.
+
+    megrez bench --shape megrez2-350m --device cpu --dtype float32 --batch 1 --prompt 128 --output 64
+    megrez bench --shape megrez2-3x7b-a3b --device cuda --batch 1 8 32 64 --prompt 128 1024
+
+For every (batch, prompt length) it reports prefill tokens/s and model FLOP utilisation
+(against the measured matmul rate), decode tokens/s and time per step, the bytes of weights
+and KV cache each decode step really reads (distinct experts counted per layer), the
+fraction of the measured memory read bandwidth that implies, and peak memory. The last line
+of output is one JSON object with everything.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .engine import Engine, SamplingParams
+from .loading import materialize, resolve_device, resolve_dtype
+from .models import build_model
+
+MEGREZ2 = {
+    "architectures": ["MegrezMoeForCausalLM"], "model_type": "megrez_moe",
+    "vocab_size": 128880, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 31, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+    "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 4, "first_k_dense_replace": 1,
+    "moe_layer_freq": 1, "experts_shared_frequency": 3, "pre_gate": True, "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+SHAPES = {
+    # The published shape; the KV head count is not published (--kv-heads to change it).
+    "megrez2-3x7b-a3b": MEGREZ2,
+    "megrez-3b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 122880, "hidden_size": 2560,
+        "intermediate_size": 7168, "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 10,
+        "max_position_embeddings": 32768, "rope_theta": 5e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    },
+    # Megrez2's structure (dense first layer, groups of 3 sharing 64 experts, top-6, 4 shared,
+    # pre-gating) at ~350M stored parameters, for CPUs and laptops.
+    "megrez2-350m": {**MEGREZ2, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+                     "moe_intermediate_size": 256, "num_hidden_layers": 13, "num_attention_heads": 8,
+                     "num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "megrez2-tiny": {**MEGREZ2, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 192,
+                     "moe_intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                     "n_shared_experts": 2, "n_group": 4, "topk_group": 2, "max_position_embeddings": 2048},
+}
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0):
+    """A model of a named shape with random weights, allocated directly on ``device``."""
+    config = dict(SHAPES[shape])
+    if kv_heads:
+        config["num_key_value_heads"] = kv_heads
+    with torch.device("meta"):
+        model = build_model(config)
+    materialize(model, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0 / model.args.hidden_size ** 0.5, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.01, generator=gen)
+    model.hf_config = config
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------ hardware ceilings
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
+    """Bytes/s of the fastest pure read we can issue: a reduction and a matrix-vector product
+    over a buffer far larger than any cache."""
+    nbytes = nbytes or ((4 << 30) if device.type == "cuda" else (1 << 30))
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    reduce_bw = nbytes / best_time(lambda: x.sum(), device)
+    w = x.view(-1, 4096)
+    v = torch.ones(4096, dtype=torch.float32, device=device)
+    matvec_bw = nbytes / best_time(lambda: torch.mv(w, v), device)
+    del x, w
+    return {"reduce": reduce_bw, "matvec": matvec_bw, "best": max(reduce_bw, matvec_bw)}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / best_time(lambda: a @ b, device, reps=10 if device.type == "cuda" else 3)
+
+
+# ------------------------------------------------------------------------------ accounting
+
+def weight_bytes(model) -> dict:
+    """Bytes of weights per category: everything but routed experts and the embedding table,
+    one routed expert, one embedding row."""
+    a = model.args
+    size = next(model.parameters()).element_size()
+    expert = 0
+    if hasattr(a, "moe_intermediate_size"):
+        expert = 3 * a.hidden_size * a.moe_intermediate_size * size
+    banks = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * size
+    embed = model.model.embed_tokens.weight.numel() * size
+    dense = sum(p.numel() for p in model.parameters()) * size - banks - embed
+    if a.tie_word_embeddings:
+        dense += embed  # the tied table is read in full by the LM head
+    return {"dense": dense, "expert": expert, "embed_row": a.hidden_size * size}
+
+
+class ExpertCounter:
+    """Counts the distinct experts each layer routes to, per forward pass."""
+
+    def __init__(self, model):
+        self.per_call: list[int] = []
+        self.current = 0
+        if hasattr(model, "routing_hooks"):
+            model.routing_hooks.append(self)
+
+    def __call__(self, layer, indices, weights):
+        self.current += int(indices.unique().numel())
+
+    def take(self) -> int:
+        n, self.current = self.current, 0
+        return n
+
+
+def flops_per_token(model, context: int) -> float:
+    """Model FLOPs of one token's forward pass at a given context length (matmuls + attention)."""
+    counts = model.parameter_counts()
+    a = model.args
+    matmul_params = counts["active"] - a.vocab_size * a.hidden_size * (0 if a.tie_word_embeddings else 1)
+    attention = 4 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * context
+    return 2 * matmul_params + attention
+
+
+# ------------------------------------------------------------------------------ runs
+
+@dataclass
+class Result:
+    batch: int
+    prompt: int
+    output: int
+    prefill_tokens_per_s: float
+    prefill_mfu: float
+    decode_tokens_per_s: float
+    decode_step_ms: float
+    bytes_per_step: float
+    bandwidth_fraction: float
+    peak_memory_gib: float
+
+
+def peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def run_case(model, batch: int, prompt: int, output: int, ceilings: dict, seed: int = 0) -> Result:
+    device = next(model.parameters()).device
+    engine = Engine(model, None, max_num_seqs=batch, max_model_len=prompt + output + 1,
+                    kv_cache_memory=1 << 50)
+    gen = torch.Generator().manual_seed(seed)
+    counter = ExpertCounter(model)
+    try:
+        for b in range(batch):
+            ids = torch.randint(0, model.args.vocab_size, (prompt,), generator=gen).tolist()
+            engine.add_request(ids, SamplingParams(temperature=0, max_tokens=output, ignore_eos=True, seed=b))
+        sync(device)
+        t = time.perf_counter()
+        engine.step()  # prefill of every request, and its first token
+        sync(device)
+        prefill_s = time.perf_counter() - t
+        counter.take()
+        wb = weight_bytes(model)
+        layers, n_kv, head_dim = model.kv_layout()
+        kv_token = 2 * layers * n_kv * head_dim * next(model.parameters()).element_size()
+        steps, step_bytes = [], []
+        position = prompt
+        while engine.running:
+            sync(device)
+            t = time.perf_counter()
+            engine.step()
+            sync(device)
+            steps.append(time.perf_counter() - t)
+            step_bytes.append(wb["dense"] + batch * wb["embed_row"] + counter.take() * wb["expert"]
+                              + batch * (position + 1) * kv_token)
+            position += 1
+    finally:
+        if counter in getattr(model, "routing_hooks", []):
+            model.routing_hooks.remove(counter)
+    warm = slice(min(2, len(steps) - 1), None)  # the first steps pay one-off allocations
+    step_s = sum(steps[warm]) / len(steps[warm])
+    bytes_step = sum(step_bytes[warm]) / len(step_bytes[warm])
+    flops = batch * sum(flops_per_token(model, c) for c in range(1, prompt + 1))
+    return Result(batch, prompt, output, batch * prompt / prefill_s, flops / prefill_s / ceilings["matmul_flops"],
+                  batch / step_s, step_s * 1e3, bytes_step, bytes_step / step_s / ceilings["read_bandwidth"],
+                  peak_memory(device))
+
+
+def bench(a) -> dict:
+    device = resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.model:
+        from .loading import load_model, read_json, resolve_model_path
+
+        dtype = resolve_dtype(a.dtype, read_json(resolve_model_path(a.model) / "config.json"), device)
+        model = load_model(a.model, device=device, dtype=dtype)
+        name = str(a.model)
+    else:
+        dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
+        model = random_model(a.shape, device, dtype, a.kv_heads)
+        name = a.shape
+    bw = measure_read_bandwidth(device)
+    ceilings = {"read_bandwidth": bw["best"], "read_bandwidth_reduce": bw["reduce"],
+                "read_bandwidth_matvec": bw["matvec"], "matmul_flops": measure_matmul_flops(device, dtype)}
+    counts = model.parameter_counts()
+    wb = weight_bytes(model)
+    header = {"model": name, "device": str(device), "device_name": device_name(device), "dtype": str(dtype),
+              "threads": torch.get_num_threads(), "stored_params": counts["stored"], "active_params": counts["active"],
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **ceilings}
+    print(f"{name}: {counts['stored'] / 1e6:.0f}M stored / {counts['active'] / 1e6:.0f}M active parameters, "
+          f"{dtype}, {header['device_name']}, {header['threads']} threads")
+    print(f"measured: read bandwidth {bw['best'] / 1e9:.1f} GB/s (reduce {bw['reduce'] / 1e9:.1f}, "
+          f"matvec {bw['matvec'] / 1e9:.1f}), matmul {ceilings['matmul_flops'] / 1e12:.2f} TFLOP/s")
+    print(f"weights read per decode step: {wb['dense'] / 1e6:.0f} MB non-expert "
+          f"+ {wb['expert'] / 1e6:.2f} MB per distinct routed expert per layer + KV cache")
+    results = []
+    for prompt in a.prompt:
+        for batch in a.batch:
+            run_case(model, batch, min(prompt, 16), 4, ceilings)  # warm-up: kernels, allocator
+            r = run_case(model, batch, prompt, a.output, ceilings)
+            results.append(r)
+    cols = ("batch", "prompt", "prefill tok/s", "prefill MFU", "decode tok/s", "step ms", "MB/step", "of BW",
+            "peak GiB")
+    print(" | ".join(cols))
+    for r in results:
+        print(f"{r.batch:5d} | {r.prompt:6d} | {r.prefill_tokens_per_s:13.1f} | {r.prefill_mfu:11.1%} | "
+              f"{r.decode_tokens_per_s:12.1f} | {r.decode_step_ms:7.2f} | {r.bytes_per_step / 1e6:7.1f} | "
+              f"{r.bandwidth_fraction:6.1%} | {r.peak_memory_gib:8.2f}")
+    summary = {**header, "output": a.output, "results": [asdict(r) for r in results]}
+    print(json.dumps(summary))
+    return summary
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure prefill/decode speed against measured hardware ceilings")
+    p.add_argument("--shape", default="megrez2-350m", choices=sorted(SHAPES),
+                   help="named model shape with random weights (default: megrez2-350m)")
+    p.add_argument("--model", default=None, help="benchmark a checkpoint instead of a random shape")
+    p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--prompt", type=int, nargs="+", default=[128])
+    p.add_argument("--output", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.set_defaults(func=lambda a: bench(a) and 0)
