@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
+from .engine.offload import format_bytes
 from .engine.sampling import SamplingParams
 
 
@@ -28,6 +30,13 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
                    help="Megrez2: whose e_score_correction_bias each layer selects experts with "
                         "(own = llama.cpp; owner = SGLang demo; none = vLLM with the official patch)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length to allocate (default: model's)")
+    g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE",
+                   help="Megrez2: device memory to use (e.g. 6GiB); routed experts stay in host memory and "
+                        "are cached on the device, prefetched from the pre-gate")
+    g.add_argument("--offload-policy", default="group", choices=["group", "lru"],
+                   help="expert cache eviction policy with --gpu-memory-budget (default: group)")
+    g.add_argument("--no-prefetch", action="store_true", help="with --gpu-memory-budget: load experts on demand")
+    g.add_argument("--verbose", "-v", action="store_true", help="print speed and expert-cache statistics to stderr")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +59,27 @@ def make_llm(a):
     from .llm import LLM
 
     return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, max_model_len=a.max_model_len,
-               max_num_seqs=getattr(a, "max_num_seqs", 16))
+               max_num_seqs=getattr(a, "max_num_seqs", 1), gpu_memory_budget=a.gpu_memory_budget,
+               offload_policy=a.offload_policy, prefetch=not a.no_prefetch)
+
+
+def report(llm, a, seconds: float) -> None:
+    """--verbose: speed of the last request and the expert cache's statistics."""
+    if not a.verbose:
+        return
+    req = getattr(llm, "last_request", None)
+    if req is not None and req.first_token_time is not None:
+        n = len(req.output_ids)
+        decode = time.monotonic() - req.first_token_time
+        print(f"[{len(req.prompt_ids)} prompt tokens, {n} generated in {seconds:.2f}s; time to first token "
+              f"{req.first_token_time - req.arrival:.3f}s, decode {max(n - 1, 0) / max(decode, 1e-9):.1f} tokens/s]",
+              file=sys.stderr)
+    if llm.offload is not None:
+        s = llm.offload.stats
+        print(f"[expert cache: {s['slots']} slots ({format_bytes(s['cache_bytes'])}), hit rate {s['hit_rate']:.1%}, "
+              f"prefetched {s['prefetched']}, on demand {s['misses']}, copied {format_bytes(s['bytes_copied'])}, "
+              f"copy time {s['copy_seconds']:.3f}s of which exposed {s['copy_seconds_exposed']:.3f}s]",
+              file=sys.stderr)
 
 
 def cmd_generate(a) -> int:
@@ -78,10 +107,13 @@ def cmd_generate(a) -> int:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
                           "prompt_tokens": out.prompt_tokens}, ensure_ascii=False))
         return 0
+    start = time.perf_counter()
     for delta in llm.stream(ids, params):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    report(llm, a, time.perf_counter() - start)
     return 0
 
 
@@ -115,6 +147,7 @@ def cmd_chat(a) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = []
+        start = time.perf_counter()
         try:
             for delta in llm.chat_stream(system + history, params):
                 reply.append(delta)
@@ -124,6 +157,7 @@ def cmd_chat(a) -> int:
             print("\n(interrupted)", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        report(llm, a, time.perf_counter() - start)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -150,13 +184,13 @@ def cmd_info(a) -> int:
         print(f"  {line}")
     print(f"parameters   stored {_count(counts['stored'])}, active per token {_count(counts['active'])}")
     for name, size in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
-        print(f"weights      {name:9s} {_bytes(counts['stored'] * size):>10s} stored, "
-              f"{_bytes(counts['active'] * size):>10s} read per token")
+        print(f"weights      {name:9s} {format_bytes(counts['stored'] * size):>10s} stored, "
+              f"{format_bytes(counts['active'] * size):>10s} read per token")
     kv = KVCache.bytes_per_token(*model.kv_layout(), torch.bfloat16)
-    print(f"KV cache     {_bytes(kv)} per token in bfloat16 "
-          f"({_bytes(kv * args.max_position_embeddings)} for one full-context sequence)")
+    print(f"KV cache     {format_bytes(kv)} per token in bfloat16 "
+          f"({format_bytes(kv * args.max_position_embeddings)} for one full-context sequence)")
     shards = checkpoint_shards(path)
-    print(f"files        {len(shards)} safetensors file(s), {_bytes(sum(s.stat().st_size for s in shards))}")
+    print(f"files        {len(shards)} safetensors file(s), {format_bytes(sum(s.stat().st_size for s in shards))}")
     return 0
 
 
@@ -165,13 +199,6 @@ def _count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3f}{unit}"
     return str(n)
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def layer_layout(args) -> list[str]:

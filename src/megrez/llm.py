@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .engine import Engine, SamplingParams
-from .engine.offload import ExpertOffload, parse_bytes
+from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
 from .tokenizer import Tokenizer
@@ -155,9 +155,9 @@ def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, p
     need = args.num_experts_per_tok * expert
     cache = left - kv
     if cache < need:
-        raise ValueError(f"a memory budget of {budget / 2**30:.2f} GiB is too small: the non-expert weights take "
-                         f"{resident / 2**30:.2f} GiB, the KV cache {kv / 2**30:.2f} GiB and activations "
-                         f"{margin / 2**30:.2f} GiB, leaving {max(cache, 0) / 2**20:.0f} MiB for experts; one layer "
-                         f"needs {need / 2**20:.0f} MiB (raise the budget to at least "
-                         f"{(budget - cache + need) / 2**30:.2f} GiB)")
+        raise ValueError(f"a memory budget of {format_bytes(budget)} is too small: the non-expert weights take "
+                         f"{format_bytes(resident)}, the KV cache {format_bytes(kv)} and activations "
+                         f"{format_bytes(margin)}, leaving {format_bytes(max(cache, 0))} for experts; one layer "
+                         f"needs {format_bytes(need)} (raise the budget to at least "
+                         f"{format_bytes(budget - cache + need)})")
     return ExpertOffload(model, device, cache, policy=policy, prefetch=prefetch), kv

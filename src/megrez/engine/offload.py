@@ -340,3 +340,10 @@ def parse_bytes(text: str | int) -> int:
     if unit not in units or value < 0:
         raise ValueError(f"cannot read a memory size from {text!r} (e.g. 6GiB, 512MiB)")
     return int(value * units[unit])
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
