@@ -53,17 +53,20 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0):
-    """A model of a named shape with random weights, allocated directly on ``device``."""
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
+                 expert_device: torch.device | None = None):
+    """A model of a named shape with random weights, allocated directly on ``device`` (routed
+    experts on ``expert_device`` if given)."""
     config = dict(SHAPES[shape])
     if kv_heads:
         config["num_key_value_heads"] = kv_heads
     with torch.device("meta"):
         model = build_model(config)
-    materialize(model, device, dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    materialize(model, device, dtype, expert_device)
+    gens = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("mlp.gate.weight"):
@@ -72,7 +75,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads:
                 p.normal_(0.0, 0.02, generator=gen)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.01, generator=gen)
+                b.normal_(0.0, 0.01, generator=gens[b.device])
     model.hf_config = config
     return model.eval().requires_grad_(False)
 

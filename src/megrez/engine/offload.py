@@ -309,6 +309,12 @@ class ExpertOffload:
             self.banks[o] = bank
         model.routing_hooks.append(self._on_route)
 
+    def detach(self) -> None:
+        """Put the host banks back in the model (it then computes experts where they live)."""
+        for o, bank in self.banks.items():
+            self.model.layers[o].mlp.experts = self.cache.host_banks[o]
+        self.model.routing_hooks.remove(self._on_route)
+
     def _on_route(self, layer: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
         owner = self.model.args.owner(layer)
         self.banks[owner].current_layer = layer

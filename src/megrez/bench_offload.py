@@ -1,0 +1,246 @@
+"""``megrez bench-offload``: decode speed of Megrez2 with routed experts offloaded to host
+memory, swept over device memory budgets, against two baselines measured in the same run
+and the ceiling the measured copy bandwidth allows.
+
+    megrez bench-offload --shape megrez2-3x7b-a3b --budgets 5GiB 6GiB 8GiB 10GiB 12GiB --batch 1 8
+
+Modes per budget: ``prefetch`` (the engine: pre-gate prefetch + group-aware cache),
+``lru`` (prefetch with a plain LRU cache), ``cache-only`` (no prefetch: missing experts
+load when the layer needs them), ``naive`` (on-demand synchronous loading, nothing reused
+across the sharing group). ``all-on-device`` (no budget) gives the compute time.
+
+Routing: ``uniform`` uses the random router (near-uniform expert choice: the worst case
+for a cache); ``trace`` replays a synthetic expert-selection trace with the temporal
+locality of a trained MoE (see :func:`make_trace`; its statistics are printed).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from .bench import SHAPES, best_time, device_name, random_model, sync
+from .engine import Engine, SamplingParams
+from .engine.offload import ExpertOffload, format_bytes, parse_bytes
+from .loading import resolve_device, resolve_dtype
+
+
+def make_trace(num_layers: list[int], owner_of: dict[int, int], num_experts: int, top_k: int, steps: int,
+               rows: int, keep: float = 0.5, zipf: float = 1.0, group_share: float = 0.7, seed: int = 0):
+    """A synthetic expert-selection trace: trace[row][step][layer] = list of top_k experts.
+
+    Built to have what trained MoEs show: skewed expert popularity (Zipf exponent ``zipf``
+    over a random ranking per sharing group, each layer following its group's ranking with
+    weight ``group_share`` and a ranking of its own otherwise) and temporal locality (each of
+    a token's experts is kept for the next token with probability ``keep``; the others are
+    drawn from the layer's popularity)."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    zipf_p = ranks ** -zipf
+    group_perm = {o: torch.randperm(num_experts, generator=g) for o in set(owner_of.values())}
+    popularity = {}
+    for layer in num_layers:
+        own = torch.zeros(num_experts, dtype=torch.float64)
+        own[torch.randperm(num_experts, generator=g)] = zipf_p
+        shared = torch.zeros(num_experts, dtype=torch.float64)
+        shared[group_perm[owner_of[layer]]] = zipf_p
+        p = group_share * shared + (1 - group_share) * own
+        popularity[layer] = p / p.sum()
+    trace = []
+    for _ in range(rows):
+        prev = {layer: torch.multinomial(popularity[layer], top_k, generator=g).tolist() for layer in num_layers}
+        row = []
+        for _ in range(steps):
+            step = {}
+            for layer in num_layers:
+                kept = [e for e in prev[layer] if torch.rand((), generator=g).item() < keep]
+                p = popularity[layer].clone()
+                p[kept] = 0
+                fresh = torch.multinomial(p, top_k - len(kept), generator=g).tolist() if len(kept) < top_k else []
+                step[layer] = kept + fresh
+            row.append(step)
+            prev = step
+        trace.append(row)
+    return trace
+
+
+def trace_statistics(trace, top_k: int, num_experts: int) -> dict:
+    reuse, counts = [], {}
+    for row in trace:
+        for a, b in zip(row, row[1:]):
+            for layer in a:
+                reuse.append(len(set(a[layer]) & set(b[layer])) / top_k)
+        for step in row:
+            for layer, experts in step.items():
+                for e in experts:
+                    counts[(layer, e)] = counts.get((layer, e), 0) + 1
+    per_layer: dict = {}
+    for (layer, e), c in counts.items():
+        per_layer.setdefault(layer, []).append(c)
+    quarter = num_experts // 4
+    share = [sum(sorted(v, reverse=True)[:quarter]) / sum(v) for v in per_layer.values()]
+    return {"next_token_reuse": sum(reuse) / max(len(reuse), 1), "top_quarter_share": sum(share) / len(share)}
+
+
+class TraceReplay:
+    """A routing override that substitutes the trace's experts (the router's weights stay)."""
+
+    def __init__(self, trace):
+        self.trace, self.step = trace, 0
+
+    def __call__(self, layer, weights, indices):
+        picked = [self.trace[r % len(self.trace)][self.step % len(self.trace[0])][layer]
+                  for r in range(indices.shape[0])]
+        return weights, torch.tensor(picked, dtype=indices.dtype, device=indices.device)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Host -> device copy rate from pinned memory (host memcpy rate on a CPU-only machine)."""
+    pinned = device.type == "cuda"
+    src = torch.ones(nbytes // 4, dtype=torch.float32, pin_memory=pinned)
+    dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / best_time(lambda: dst.copy_(src, non_blocking=pinned), device)
+
+
+def decode_run(model, batch: int, prompt: int, output: int, replay: TraceReplay | None, seed: int = 0):
+    """Greedy decode of ``batch`` random prompts; returns (seconds per step, tokens of row 0, steps)."""
+    device = next(model.parameters()).device
+    engine = Engine(model, None, max_num_seqs=batch, max_model_len=prompt + output + 1, kv_cache_memory=1 << 40)
+    gen = torch.Generator().manual_seed(seed)
+    reqs = [engine.add_request(torch.randint(0, model.args.vocab_size, (prompt,), generator=gen).tolist(),
+                               SamplingParams(temperature=0, max_tokens=output, ignore_eos=True))
+            for _ in range(batch)]
+    if replay is not None:
+        replay.step = 0
+    engine.step()  # prefill
+    times = []
+    while engine.running:
+        if replay is not None:
+            replay.step += 1
+        sync(device)
+        t = time.perf_counter()
+        engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    warm = times[2:] or times
+    return sum(warm) / len(warm), reqs[0].output_ids, len(times)
+
+
+def device_banks(model, device):
+    """Copies of the host expert banks on the device (for the all-on-device baseline)."""
+    args = model.args
+    owners = sorted({args.owner(i) for i in range(args.num_hidden_layers) if args.is_moe(i)})
+    host = {o: model.layers[o].mlp.experts for o in owners}
+    on_device = {o: _copy_bank(b, device) for o, b in host.items()}
+    return host, on_device
+
+
+def _copy_bank(bank, device):
+    import copy
+
+    new = copy.copy(bank)
+    new._parameters = {k: torch.nn.Parameter(v.detach().to(device), requires_grad=False)
+                       for k, v in bank._parameters.items()}
+    return new
+
+
+def set_banks(model, banks):
+    for o, b in banks.items():
+        model.layers[o].mlp.experts = b
+
+
+def bench(a) -> dict:
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
+    model = random_model(a.shape, device, dtype, a.kv_heads, expert_device=torch.device("cpu"))
+    args = model.args
+    moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
+    expert_bytes = 3 * args.hidden_size * args.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
+    resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    copy_bw = measure_copy_bandwidth(device)
+    steps = a.output + 1
+    trace = make_trace(moe_layers, {i: args.owner(i) for i in moe_layers}, args.n_routed_experts,
+                       args.num_experts_per_tok, steps + 2, rows=max(a.batch), seed=a.seed)
+    tstats = trace_statistics(trace, args.num_experts_per_tok, args.n_routed_experts)
+    print(f"{a.shape} on {device_name(device)} ({dtype}): non-expert weights {format_bytes(resident)}, "
+          f"one expert {format_bytes(expert_bytes)}, measured host->device copy {copy_bw / 1e9:.1f} GB/s")
+    print(f"trace: next-token expert reuse {tstats['next_token_reuse']:.0%}, top quarter of experts carry "
+          f"{tstats['top_quarter_share']:.0%} of selections")
+    host, on_device = device_banks(model, device) if a.reference else ({}, {})
+    rows = []
+    for routing in a.routing:
+        replay = TraceReplay(trace) if routing == "trace" else None
+        model.routing_override = replay
+        for batch in a.batch:
+            compute_s, ref_tokens = None, None
+            if a.reference:
+                set_banks(model, on_device)
+                compute_s, ref_tokens, _ = decode_run(model, batch, a.prompt, a.output, replay, a.seed)
+                set_banks(model, host)
+                rows.append({"routing": routing, "batch": batch, "budget": "all-on-device", "mode": "all-on-device",
+                             "tokens_per_s": batch / compute_s, "step_ms": compute_s * 1e3})
+            for budget_text in a.budgets:
+                budget = parse_bytes(budget_text)
+                kv = a.kv_cache_memory
+                cache_bytes = budget - resident - kv - (256 << 20 if device.type == "cuda" else 0)
+                for mode in a.modes:
+                    policy = "lru" if mode == "lru" else "group"
+                    offload = ExpertOffload(model, device, cache_bytes, policy=policy,
+                                            prefetch=mode in ("prefetch", "lru"), reuse=mode != "naive")
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step_s, tokens, n_steps = decode_run(model, batch, a.prompt, a.output, replay, a.seed)
+                    s = offload.stats
+                    offload.detach()
+                    del offload
+                    missed = (s["prefetched"] + s["misses"]) * expert_bytes / max(n_steps + 1, 1)
+                    floor = max(compute_s or 0.0, missed / copy_bw)
+                    row = {"routing": routing, "batch": batch, "budget": budget_text, "mode": mode,
+                           "tokens_per_s": batch / step_s, "step_ms": step_s * 1e3, "hit_rate": s["hit_rate"],
+                           "exposed_copy_s": s["copy_seconds_exposed"], "copied_gib": s["bytes_copied"] / 2 ** 30,
+                           "ceiling_tokens_per_s": batch / floor if floor else None,
+                           "peak_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                        if device.type == "cuda" else None),
+                           "identical_to_all_on_device": (tokens == ref_tokens) if ref_tokens is not None else None}
+                    if row["ceiling_tokens_per_s"]:
+                        row["of_ceiling"] = row["tokens_per_s"] / row["ceiling_tokens_per_s"]
+                    rows.append(row)
+    model.routing_override = None
+    print("routing | batch | budget | mode | tok/s | step ms | hit rate | exposed copy s | ceiling tok/s | "
+          "of ceiling | peak GiB | same tokens")
+    for r in rows:
+        print(" | ".join(str(_fmt(r.get(k))) for k in ("routing", "batch", "budget", "mode", "tokens_per_s", "step_ms",
+                                                        "hit_rate", "exposed_copy_s", "ceiling_tokens_per_s",
+                                                        "of_ceiling", "peak_gib", "identical_to_all_on_device")))
+    summary = {"shape": a.shape, "device": device_name(device), "dtype": str(dtype), "copy_bandwidth": copy_bw,
+               "expert_bytes": expert_bytes, "resident_bytes": resident, "trace": tstats,
+               "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    print(json.dumps(summary))
+    return summary
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench-offload", help="decode speed with experts offloaded, swept over memory budgets")
+    p.add_argument("--shape", default="megrez2-350m", choices=sorted(k for k in SHAPES if k.startswith("megrez2")))
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--budgets", nargs="+", default=["5GiB", "6GiB", "8GiB", "10GiB", "12GiB"])
+    p.add_argument("--modes", nargs="+", default=["prefetch", "lru", "cache-only", "naive"],
+                   choices=["prefetch", "lru", "cache-only", "naive"])
+    p.add_argument("--routing", nargs="+", default=["uniform", "trace"], choices=["uniform", "trace"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--output", type=int, default=64)
+    p.add_argument("--kv-cache-memory", type=int, default=256 << 20)
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the all-on-device run (it needs the whole model on the device)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: bench(a) and 0)
