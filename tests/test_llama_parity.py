@@ -33,3 +33,18 @@ def test_greedy_32_tokens_match_transformers(tiny_dense, hf_model):
     llm = LLM(tiny_dense, device="cpu", dtype="float32")
     mine = llm.generate(PROMPT[:5], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)).token_ids
     assert mine == theirs
+
+
+def test_tied_embeddings_round_trip_and_match_transformers(tmp_path):
+    from safetensors.torch import load_file
+
+    from megrez.tiny import create_tiny
+
+    path = create_tiny(tmp_path / "tied", "dense", seed=3, overrides={"tie_word_embeddings": True})
+    assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
+    ours = load_model(path, device="cpu", dtype="float32")
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4

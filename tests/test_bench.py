@@ -1,0 +1,33 @@
+"""The benchmark commands run end to end on a tiny shape and report consistent numbers."""
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, "-m", "megrez.cli", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_bench_reports_rooflines():
+    out = run("bench", "--shape", "megrez2-tiny", "--device", "cpu", "--dtype", "float32", "--batch", "1", "2",
+              "--prompt", "16", "--output", "6")
+    assert out["read_bandwidth"] > 0 and out["matmul_flops"] > 0
+    rows = out["results"]
+    assert [(r["batch"], r["prompt"]) for r in rows] == [(1, 16), (2, 16)]
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and 0 < r["bandwidth_fraction"] < 1.5
+        # One token reads at least every non-expert weight and top_k experts per MoE layer.
+        assert r["bytes_per_step"] >= out["active_params"] * 4 * 0.5
+
+
+def test_bench_offload_keeps_tokens_identical():
+    out = run("bench-offload", "--shape", "megrez2-tiny", "--device", "cpu", "--dtype", "float32",
+              "--budgets", "2MiB", "--batch", "1", "--output", "8", "--kv-cache-memory", "524288")
+    rows = [r for r in out["rows"] if r["mode"] != "all-on-device"]
+    assert {r["mode"] for r in rows} == {"prefetch", "lru", "cache-only", "naive"}
+    assert {r["routing"] for r in rows} == {"uniform", "trace"}
+    assert all(r["identical_to_all_on_device"] for r in rows)
+    assert all(r["hit_rate"] == 0 for r in rows if r["mode"] == "naive")
+    assert 0.3 < out["trace"]["next_token_reuse"] < 0.9
