@@ -146,7 +146,9 @@ class Engine:
         decoding = list(self.running)
         if admitted:
             outputs += self._finish_step(admitted, self._prefill(admitted))
-            self.running += admitted
+            # A request can finish on its first token (max_tokens=1, a stop token or string);
+            # it was retired and its slot freed, so it must not join the decode batch.
+            self.running += [r for r in admitted if r.finish_reason is None]
         if decoding:
             outputs += self._finish_step(decoding, self._decode(decoding))
         self.stats["steps"] += 1
