@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,13 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} did not become healthy in {timeout}s")
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +335,7 @@ def test_32_concurrent_streams_equal_their_solo_runs(live):
     together = asyncio.run(crowd())
     steps = live.engine.stats["steps"] - steps_before
     tokens = sum(r["max_tokens"] for r in requests)
+    print(f"{steps} engine steps for {tokens} tokens")
     assert steps < tokens / 3, f"{steps} steps for {tokens} tokens: requests were not batched"
     client = live.client()
     for req, (text, reason) in zip(requests, together, strict=True):
@@ -344,12 +353,9 @@ def test_disconnect_mid_stream_frees_the_slot(live, client):
                         headers={"Authorization": f"Bearer {KEY}"}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")  # the role chunk
-            while live.engine.stats["generation_tokens"] - before["megrez_generation_tokens_total"] < 5:
-                time.sleep(0.01)
+            wait_for(lambda: live.engine.stats["generation_tokens"] - before["megrez_generation_tokens_total"] >= 5)
             assert len(live.engine.running) == 1
-    deadline = time.monotonic() + 5
-    while live.engine.running and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: not live.engine.running, timeout=5)
     m = live.metrics()
     assert m["megrez_requests_running"] == 0 and m["megrez_kv_cache_usage_ratio"] == 0
     assert m["megrez_kv_cache_free_slots"] == live.engine.max_num_seqs
@@ -367,9 +373,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(live):
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(live.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=0.3)
-    deadline = time.monotonic() + 5
-    while live.engine.running and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: not live.engine.running, timeout=5)
     m = live.metrics()
     assert not live.engine.running and live.loop.active == 0
     assert m['megrez_requests_finished_total{finish_reason="abort"}'] == \
@@ -387,8 +391,7 @@ def test_queue_full_gives_429_and_the_server_recovers(tiny_dir):
             with a.stream("POST", s.url + "/v1/chat/completions", json=body) as ra:
                 lines_a = ra.iter_lines()  # held: dropping the iterator closes the stream
                 next(lines_a)
-                while not s.engine.running:
-                    time.sleep(0.01)
+                wait_for(lambda: s.engine.running)
                 with b.stream("POST", s.url + "/v1/chat/completions", json=body) as rb:
                     lines_b = rb.iter_lines()
                     next(lines_b)
@@ -397,9 +400,7 @@ def test_queue_full_gives_429_and_the_server_recovers(tiny_dir):
                         chat(s.client(), max_tokens=2)
                     assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
                     assert e.value.body["code"] == "queue_full"
-        deadline = time.monotonic() + 5
-        while (s.engine.running or s.engine.waiting) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: not (s.engine.running or s.engine.waiting), timeout=5)
         assert chat(s.client(), max_tokens=2).usage.completion_tokens >= 1
     finally:
         s.close()
@@ -512,6 +513,28 @@ def test_bad_inputs_never_reach_the_500_handler(live, client):
     assert "megrez_api_errors_total{status=\"500\"}" not in httpx.get(live.url + "/metrics").text
     assert live.app.state.server.errors[400] >= 40
     assert chat(client, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_chat_template_refusals_are_400(tiny_dir, tmp_path):
+    # Real templates raise_exception() on conversations they cannot render, or fail on them.
+    shutil.copytree(tiny_dir, tmp_path / "strict")
+    config_path = tmp_path / "strict" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with a user turn') }}{% endif %}"
+        "{% if messages[0]['role'] == 'tool' %}{{ messages[0]['content'] | no_such_filter }}{% endif %}"
+        + config["chat_template"])
+    config_path.write_text(json.dumps(config))
+    s = LiveServer(tmp_path / "strict")
+    try:
+        for role, words in (("assistant", "must start with a user turn"), ("tool", "no_such_filter")):
+            r = httpx.post(s.url + CHAT, json={"messages": [{"role": role, "content": "x"}]},
+                           headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["param"] == "messages"
+        assert chat(s.client(), max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        s.close()
 
 
 def test_context_error_says_by_how_much(live):

@@ -20,6 +20,7 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -42,16 +43,22 @@ class ServerConfig:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events whose generator is always closed when the response ends, so the
-    generator's cleanup (aborting its engine requests) runs even when the client went away
-    mid-stream and the ASGI server reports that by failing ``send`` instead of cancelling."""
+    """Server-sent events that always run ``on_close`` when the response ends, however it
+    ends: a client that hangs up mid-stream is reported either by cancelling the response or
+    by failing ``send``, and one that hangs up before the first event leaves the generator
+    unstarted, so its own ``finally`` would never run."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.on_close()
             await self.body_iterator.aclose()
 
 
@@ -110,8 +117,9 @@ class OpenAIServer:
             if req.kind == "chat":
                 try:
                     out.append(self.tokenizer.encode_chat(prompt))
-                except ValueError as e:
-                    raise protocol.invalid("messages", str(e)) from None
+                except (ValueError, jinja2.TemplateError) as e:
+                    raise protocol.invalid("messages", f"the chat template cannot render these messages: {e}") \
+                        from None
             elif isinstance(prompt, str):
                 out.append(self.tokenizer.encode(prompt))
             else:
@@ -146,7 +154,8 @@ class OpenAIServer:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         run = Run(self, req, model, rid, rids, sink, sum(map(len, prompt_ids)))
         if req.stream:
-            return EventStream(run.events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(run.events(), on_close=lambda: self.abort(rids),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
 
     def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue) -> dict[int, str]:
