@@ -49,6 +49,10 @@ def register(sub) -> None:
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for tensor ops (default: torch's, one per core). On a machine shared with "
+                        "other busy processes, set it to the cores that are free: oversubscribed threads "
+                        "slow decoding down several times")
     p.set_defaults(func=cmd_serve)
 
 
@@ -59,9 +63,13 @@ def build_engine(a):
     from ..loading import load_model, resolve_model_path
     from ..tokenizer import Tokenizer
 
-    for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
-        if getattr(a, name) < 1:
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
     path = resolve_model_path(a.model) if a.model is not None else default_model()
     overrides = {"router_bias": a.router_bias} if a.router_bias else {}
     tokenizer = Tokenizer(path)
