@@ -568,8 +568,8 @@ def test_megrez_serve_command(tiny_dir):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MEGREZ_API_KEY": "sk-from-env"}
     proc = subprocess.Popen([sys.executable, "-m", "megrez.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "2", "--threads", "1",
-                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "2",
+                             "--threads", "1", "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc=proc)
