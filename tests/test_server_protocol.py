@@ -47,6 +47,11 @@ def test_chat_fields_map_onto_sampling_params():
     assert (req.n, req.stream, req.include_usage, req.logprobs) == (2, True, True, 4)
 
 
+def test_top_logprobs_zero_needs_no_logprobs():
+    assert parse_chat({"messages": USER, "top_logprobs": 0}, LIMITS, VOCAB).logprobs is None
+    assert error_of(parse_chat, {"messages": USER, "top_logprobs": 1}, LIMITS, VOCAB).param == "top_logprobs"
+
+
 def test_integral_floats_are_integers():
     assert parse_chat({"messages": USER, "max_tokens": 12.0}, LIMITS, VOCAB).params.max_tokens == 12
     assert error_of(parse_chat, {"messages": USER, "max_tokens": 12.5}, LIMITS, VOCAB).param == "max_tokens"

@@ -285,8 +285,7 @@ def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest
     logprobs = None
     if get_bool(body, "logprobs"):
         logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
-    elif body.get("top_logprobs") is not None:
-        get_int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
+    elif get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS) > 0:
         raise invalid("top_logprobs", "requires logprobs to be true")
     params.logprobs = logprobs
     return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs)
