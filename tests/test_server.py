@@ -297,9 +297,10 @@ def test_completion_logprobs_legacy_format(client):
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, seed=2, logprobs=2, **IGNORE_EOS)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[-1] <= len(r.choices[0].text)
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert logprob <= 0 and top[token] == logprob and 2 <= len(top) <= 3
+        assert logprob <= 0 and top[token] == logprob and 1 <= len(top) <= 3
 
 
 def test_token_bytes_rebuild_the_text(live):
@@ -307,6 +308,20 @@ def test_token_bytes_rebuild_the_text(live):
     for text in ("Hello, world! 你好，世界 🙂", "def main(): return None"):
         ids = live.tokenizer.encode(text)
         assert b"".join(bytes(text_of(i)[1]) for i in ids) == text.encode("utf-8")
+
+
+def test_token_texts_are_distinct_and_partial_characters_show_their_bytes(live):
+    text_of = TokenText(live.tokenizer)
+    vocab = live.tokenizer.vocab_size
+    texts = [text_of(i)[0] for i in range(vocab)]
+    assert len(set(texts)) == vocab  # so the legacy top_logprobs dicts never merge two tokens
+    partial = [i for i in range(vocab) if texts[i].startswith("bytes:")]
+    assert partial
+    for i in partial:
+        raw = bytes(text_of(i)[1])
+        assert texts[i] == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        with pytest.raises(UnicodeDecodeError):
+            raw.decode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------- load

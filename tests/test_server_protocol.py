@@ -84,6 +84,12 @@ def test_unsupported_fields_pass_only_with_their_default():
         assert e.param == field and e.code == "unsupported_parameter"
 
 
+def test_text_offsets_count_completed_characters():
+    offsets = protocol.TextOffsets()
+    pieces = [b"a", b"\xe4\xbd", b"\xa0", b"b", b"\xff", b"c"]  # "a你b", then an invalid byte
+    assert [offsets.advance(list(p)) for p in pieces] == [0, 1, 1, 2, 3, 4]
+
+
 def test_error_body_shape():
     e = protocol.invalid("temperature", "must be in [0, 2] (got 3)")
     assert e.body() == {"error": {"message": "temperature: must be in [0, 2] (got 3)",

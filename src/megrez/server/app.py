@@ -197,7 +197,7 @@ class Run:
         self.created = int(time.time())
         self.prompt_tokens = prompt_tokens
         self.completion_tokens: dict[int, int] = {}
-        self.offsets: dict[int, int] = dict.fromkeys(rids, 0)  # legacy logprobs text_offset per choice
+        self.offsets = {i: protocol.TextOffsets() for i in rids}  # legacy logprobs text_offset per choice
 
     def logprobs(self, index: int, out) -> dict | None:
         if self.req.logprobs is None:
@@ -208,9 +208,7 @@ class Run:
             samples = samples[:-1]
         if self.req.kind == "chat":
             return protocol.chat_logprobs(samples, self.server.token_text)
-        block, self.offsets[index] = protocol.completion_logprobs(samples, self.server.token_text,
-                                                                  self.offsets[index])
-        return block
+        return protocol.completion_logprobs(samples, self.server.token_text, self.offsets[index])
 
     def usage(self) -> dict:
         return protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))

@@ -8,6 +8,7 @@ does not know are ignored, as vLLM does, so clients that send extras keep workin
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -361,7 +362,9 @@ def parse_prompt(prompt, limits: Limits) -> list:
 # ----------------------------------------------------------------------------------- token text
 class TokenText:
     """The text and exact bytes of single tokens, for logprobs. A byte-level BPE token can
-    hold part of a UTF-8 character, so its bytes come from the vocabulary, not from decode()."""
+    hold part of a UTF-8 character, so its bytes come from the vocabulary, not from decode();
+    such a token is shown as ``bytes:\\xe4\\xbd`` (OpenAI's convention), which keeps the
+    texts of different tokens different."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -386,7 +389,26 @@ class TokenText:
                 raw = bytes(self._byte_of[c] for c in piece)
             else:
                 raw = self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
-        return raw.decode("utf-8", errors="replace"), list(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, list(raw)
+
+
+class TextOffsets:
+    """Where each token of one answer starts in its text, in characters. A token holding
+    part of a UTF-8 character starts where that character will: offsets count the
+    characters completed by the tokens before it."""
+
+    def __init__(self):
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, raw: list[int]) -> int:
+        start = self.offset
+        self.offset += len(self._decoder.decode(bytes(raw)))
+        return start
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -420,20 +442,21 @@ def chat_logprobs(samples: list[SampleResult], token_text: TokenText) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(samples: list[SampleResult], token_text: TokenText, offset: int) -> tuple[dict, int]:
-    """The legacy format; ``offset`` is where the first token's text starts in the choice's
-    text. Returns the block and the offset after it."""
-    tokens, lps, tops, offsets = [], [], [], []
+def completion_logprobs(samples: list[SampleResult], token_text: TokenText, offsets: TextOffsets) -> dict:
+    """The legacy format, for the next tokens of one choice (``offsets`` carries on from the
+    tokens before them)."""
+    tokens, lps, tops, starts = [], [], [], []
     for s in samples:
-        text, _ = token_text(s.token)
+        text, raw = token_text(s.token)
         tokens.append(text)
         lps.append(s.logprob)
-        top = {token_text(tid)[0]: lp for tid, lp in s.top_logprobs or []}
-        top.setdefault(text, s.logprob)  # as vLLM: the sampled token is always listed
+        top = {}
+        for tid, lp in s.top_logprobs or []:
+            top.setdefault(token_text(tid)[0], lp)
+        top[text] = s.logprob  # as vLLM, the sampled token is always listed, with its own value
         tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
+        starts.append(offsets.advance(raw))
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": starts}
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
