@@ -421,6 +421,31 @@ def test_queue_full_gives_429_and_the_server_recovers(tiny_dir):
         s.close()
 
 
+def test_engine_failure_is_a_500_and_the_server_recovers(tiny_dir):
+    s = LiveServer(tiny_dir)
+    real_step = s.engine.step
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    try:
+        s.engine.step = broken_step
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(s.client(), max_tokens=4)
+        assert e.value.status_code == 500 and "device lost" in e.value.body["message"]
+        events = httpx.post(s.url + CHAT, json={"messages": USER, "max_tokens": 4, "stream": True},
+                            headers={"Authorization": f"Bearer {KEY}"}).text.split("\n\n")
+        assert "device lost" in json.loads(events[-3][6:])["error"]["message"] and events[-2] == "data: [DONE]"
+        wait_for(lambda: httpx.get(s.url + "/health").status_code == 503)  # still failing: not healthy
+        s.engine.step = real_step
+        wait_for(lambda: httpx.get(s.url + "/health").status_code == 200)
+        assert not s.engine.running and not s.engine.waiting and s.loop.active == 0
+        assert chat(s.client(), max_tokens=3, **IGNORE_EOS).usage.completion_tokens == 3
+    finally:
+        s.engine.step = real_step
+        s.close()
+
+
 # ---------------------------------------------------------------------------------------- bad input
 LONG = "Hello world " * 700  # about 1,400 tokens: over the 1,024-token context
 USER = [{"role": "user", "content": "hi"}]
