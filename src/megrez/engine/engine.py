@@ -153,6 +153,8 @@ class Engine:
                 admitted.append(req)
         decoding = list(self.running)
         if admitted:
+            # Running first: a request that finishes on its first token (max_tokens=1, a stop
+            # token or string) retires from there and never joins the decode batch.
             self.running += admitted
             outputs += self._finish_step(admitted, self._prefill(admitted))
         if decoding:

@@ -1,0 +1,104 @@
+"""``megrez serve``: the OpenAI-compatible server.
+
+    megrez serve --model DIR_OR_HUB_ID --port 8000 --api-key KEY --served-model-name megrez2
+
+The key can also come from the MEGREZ_API_KEY environment variable (keeps it out of the
+process list). FastAPI and uvicorn are imported only when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+API_KEY_ENV = "MEGREZ_API_KEY"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4MiB', '512M', '2GB', '1048576' -> bytes (binary units either way: memory is sized so)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB, 4GiB or a number of bytes, got {text!r}")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def register(sub) -> None:
+    from ..cli import add_model_args
+
+    p = sub.add_parser("serve", help="serve the OpenAI API (/v1/chat/completions, /v1/completions)",
+                       description="Serve a model over the OpenAI API with continuous batching.")
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use; the first is reported (default: the --model argument)")
+    g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
+                   help="largest request body accepted (default 4MiB; larger gets 413)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                   help="KV cache budget, e.g. 2GiB (default: half the free GPU memory, 4GiB on CPU)")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
+    g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for tensor ops (default: torch's, one per core). On a machine shared with "
+                        "other busy processes, set it to the cores that are free: oversubscribed threads "
+                        "slow decoding down several times")
+    p.set_defaults(func=cmd_serve)
+
+
+def build_engine(a):
+    """Model, tokenizer and engine from the parsed arguments."""
+    from ..engine import Engine
+    from ..llm import default_model
+    from ..loading import load_model, resolve_model_path
+    from ..tokenizer import Tokenizer
+
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    path = resolve_model_path(a.model) if a.model is not None else default_model()
+    overrides = {"router_bias": a.router_bias} if a.router_bias else {}
+    tokenizer = Tokenizer(path)
+    model = load_model(path, device=a.device, dtype=a.dtype, **overrides)
+    engine = Engine(model, tokenizer, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                    kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk)
+    return path, engine
+
+
+def cmd_serve(a) -> int:
+    try:
+        import uvicorn
+
+        from .app import ServerConfig, create_app
+    except ModuleNotFoundError as e:
+        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); "
+                         f"install them with: pip install 'megrez[serve]'") from None
+    if not 0 <= a.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    path, engine = build_engine(a)
+    names = a.served_model_name or [a.model if a.model is not None else path.name]
+    app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
+                                          max_request_bytes=a.max_request_bytes))
+    print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
+          f"({engine.max_num_seqs} sequences x {engine.max_model_len} tokens, "
+          f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache; API key {'required' if api_key else 'not required'})",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
+                            server_header=False)
+    uvicorn.Server(config).run()
+    return 0

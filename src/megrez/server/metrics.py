@@ -1,0 +1,88 @@
+"""Prometheus text exposition (format 0.0.4) for ``GET /metrics``, written by hand so the
+server needs no client library."""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Cumulative-bucket histogram. Updated only on the event loop thread, so it needs no lock."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last bucket is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Exposition:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_: str, samples) -> None:
+        """``samples``: a number, or a list of ``(labels dict, number)``."""
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        if not isinstance(samples, list):
+            samples = [({}, samples)]
+        for labels, value in samples:
+            self.lines.append(f"{name}{self._labels(labels)} {_number(value)}")
+
+    def histogram(self, name: str, help_: str, h: Histogram) -> None:
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip(list(h.bounds) + ["+Inf"], h.counts):
+            running += count
+            le = bound if isinstance(bound, str) else _number(bound)
+            self.lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+        self.lines += [f"{name}_sum {_number(h.sum)}", f"{name}_count {h.count}"]
+
+    @staticmethod
+    def _labels(labels: dict) -> str:
+        if not labels:
+            return ""
+        return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _number(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def render(engine_loop, api_errors: Counter, model_name: str) -> str:
+    engine = engine_loop.engine
+    stats = engine.stats
+    e = Exposition()
+    e.metric("megrez_requests_running", "gauge", "Requests holding a KV cache slot.", len(engine.running))
+    e.metric("megrez_requests_waiting", "gauge", "Requests queued for a KV cache slot.", len(engine.waiting))
+    e.metric("megrez_requests_max_waiting", "gauge", "Bound of the waiting queue.", engine.max_waiting)
+    e.metric("megrez_kv_cache_usage_ratio", "gauge", "Fraction of KV cache slots in use.", float(engine.cache_usage))
+    e.metric("megrez_kv_cache_slots", "gauge", "KV cache slots (the most sequences decoded at once).",
+             engine.max_num_seqs)
+    e.metric("megrez_kv_cache_free_slots", "gauge", "KV cache slots free.", len(engine.free_slots))
+    e.metric("megrez_max_model_len", "gauge", "Tokens one sequence may hold (prompt and output).",
+             engine.max_model_len)
+    e.metric("megrez_prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats["prompt_tokens"])
+    e.metric("megrez_generation_tokens_total", "counter", "Tokens generated.", stats["generation_tokens"])
+    e.metric("megrez_engine_steps_total", "counter", "Engine steps run.", stats["steps"])
+    e.metric("megrez_requests_finished_total", "counter", "Engine requests finished, by finish reason.",
+             [({"finish_reason": r}, n) for r, n in sorted(engine_loop.finished.items())])
+    e.metric("megrez_api_errors_total", "counter", "Error responses, by HTTP status.",
+             [({"status": s}, n) for s, n in sorted(api_errors.items())])
+    e.histogram("megrez_time_to_first_token_seconds", "Time from submission to the first token.", engine_loop.ttft)
+    e.histogram("megrez_request_latency_seconds", "Time from submission to the last token.", engine_loop.latency)
+    e.metric("megrez_model_info", "gauge", "The served model.", [({"model": model_name}, 1)])
+    return e.text()

@@ -1,0 +1,489 @@
+"""The OpenAI wire format: request bodies validated into engine inputs, and response,
+stream-chunk and error bodies built from engine outputs.
+
+Everything a client sends is checked here, with an error that names the offending field,
+before any of it reaches the tokenizer or the engine. Fields the OpenAI API defines but
+this server cannot honour are rejected unless they carry their no-op default; fields it
+does not know are ignored, as vLLM does, so clients that send extras keep working.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..engine.sampling import MAX_LOGPROBS, SampleResult, SamplingParams
+from ..tokenizer import text_content
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+SEED_RANGE = (-(2 ** 63), 2 ** 64)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds that keep one client from monopolising the server."""
+    max_n: int = 16
+    max_prompts: int = 16         # prompts in one /v1/completions batch
+    max_choices: int = 64         # prompts x n
+    max_messages: int = 2048
+    max_stop: int = 16
+    max_stop_chars: int = 1024
+    max_stop_token_ids: int = 1024
+
+
+class APIError(Exception):
+    """An error answered to the client as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(param: str | None, message: str, code: str | None = None) -> APIError:
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+# ----------------------------------------------------------------------------------- body
+def parse_body(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid(None, f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise invalid(None, "malformed JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and ints longer than Python's digit limit
+        raise invalid(None, f"malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise invalid(None, f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_strings(body)
+    return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_strings(obj) -> None:
+    """JSON escapes can encode lone UTF-16 surrogates, which are not text and which the
+    tokenizer cannot take; reject them here. Iterative: nesting depth is up to the client."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            items = (x,)
+        elif isinstance(x, dict):
+            items = tuple(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+            continue
+        else:
+            continue
+        for s in items:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise invalid(None, "request body contains an invalid Unicode escape (a lone surrogate)") from None
+
+
+def _json_type(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object"
+
+
+# ----------------------------------------------------------------------------------- fields
+def get_int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # some clients serialise every number as a float
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise invalid(name, f"expected an integer, got {_json_type(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise invalid(name, f"must be {_range(lo, hi)} (got {v})")
+    return v
+
+
+def get_number(body: dict, name: str, default=None, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise invalid(name, f"expected a finite number, got {_json_type(v)}")
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        bounds = f"in ({lo}, {hi}]" if lo_open else _range(lo, hi)
+        raise invalid(name, f"must be {bounds} (got {v})")
+    return float(v)
+
+
+def get_bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(name, f"expected true or false, got {_json_type(v)}")
+    return v
+
+
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _reject_unsupported(body: dict) -> None:
+    """Fields whose non-default values would change the answer in ways this server cannot do."""
+    checks = {
+        "tools": lambda v: v == [], "functions": lambda v: v == [],
+        "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
+        "logit_bias": lambda v: v == {}, "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+        "echo": lambda v: v is False, "suffix": lambda v: v == "",
+        "audio": lambda v: False, "prediction": lambda v: False,
+    }
+    for name, ok in checks.items():
+        v = body.get(name)
+        if v is not None and not ok(v):
+            raise invalid(name, "is not supported by this server", code="unsupported_parameter")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise invalid("modalities", "only [\"text\"] is supported", code="unsupported_parameter")
+
+
+# ----------------------------------------------------------------------------------- requests
+@dataclass
+class GenerationRequest:
+    """What the routes need: the model asked for, the prompts (text, token ids or chat
+    messages), the sampling parameters of choice 0, and how to answer."""
+    kind: str                                  # "chat" | "completion"
+    model: str | None
+    prompts: list                              # chat: [messages]; completion: [str | list[int]]
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None                # None: none; k: sampled token plus top k
+    extra: dict = field(default_factory=dict)
+
+    def choice_params(self, i: int, prompt_len: int, max_model_len: int) -> SamplingParams:
+        """Choice i samples with ``seed + i`` (as vLLM does), so n choices differ yet every
+        one is reproducible; max_tokens is capped by what the context leaves."""
+        p = self.params
+        seed = p.seed if p.seed is None else _wrap_seed(p.seed + i)
+        room = max_model_len - prompt_len
+        max_tokens = p.max_tokens if p.max_tokens is None else max(1, min(p.max_tokens, room))
+        return replace(p, seed=seed, max_tokens=max_tokens)
+
+
+def _wrap_seed(seed: int) -> int:
+    return seed - 2 ** 64 if seed >= SEED_RANGE[1] else seed
+
+
+def _model(body: dict) -> str | None:
+    m = body.get("model")
+    if m is not None and not isinstance(m, str):
+        raise invalid("model", f"expected a string, got {_json_type(m)}")
+    return m
+
+
+def _stop(body: dict, limits: Limits) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("stop", "expected a string or an array of strings")
+    if len(stop) > limits.max_stop:
+        raise invalid("stop", f"at most {limits.max_stop} stop strings are allowed (got {len(stop)})")
+    for s in stop:
+        if not s:
+            raise invalid("stop", "stop strings must not be empty")
+        if len(s) > limits.max_stop_chars:
+            raise invalid("stop", f"a stop string may have at most {limits.max_stop_chars} characters")
+    return stop
+
+
+def _stop_token_ids(body: dict, limits: Limits, vocab_size: int) -> list[int]:
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return []
+    if not isinstance(ids, list) or len(ids) > limits.max_stop_token_ids or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise invalid("stop_token_ids", f"expected at most {limits.max_stop_token_ids} integers in [0, {vocab_size})")
+    return ids
+
+
+def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tuple[str, ...],
+              default_max_tokens: int | None) -> tuple[SamplingParams, int, bool, bool]:
+    max_tokens = default_max_tokens
+    for name in max_tokens_names:  # the first one given wins (max_completion_tokens over max_tokens)
+        v = get_int(body, name, lo=1)
+        if v is not None:
+            max_tokens = v
+            break
+    n = get_int(body, "n", 1, lo=1, hi=limits.max_n)
+    best_of = get_int(body, "best_of", None, lo=1)
+    if best_of is not None and best_of != n:
+        raise invalid("best_of", "is not supported unless equal to n", code="unsupported_parameter")
+    stream = get_bool(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid("stream_options", f"expected an object, got {_json_type(options)}")
+        if not stream:
+            raise invalid("stream_options", "is only allowed when stream is true")
+        include_usage = get_bool(options, "include_usage")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=get_number(body, "temperature", lo=0, hi=2),
+        top_p=get_number(body, "top_p", lo=0, hi=1, lo_open=True),
+        top_k=get_int(body, "top_k", lo=-1),
+        repetition_penalty=get_number(body, "repetition_penalty", lo=0, hi=10, lo_open=True),
+        presence_penalty=get_number(body, "presence_penalty", 0.0, lo=-2, hi=2),
+        frequency_penalty=get_number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
+        seed=get_int(body, "seed", lo=SEED_RANGE[0], hi=SEED_RANGE[1] - 1),
+        stop=_stop(body, limits),
+        stop_token_ids=_stop_token_ids(body, limits, vocab_size),
+        ignore_eos=get_bool(body, "ignore_eos"),
+    )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user", f"expected a string, got {_json_type(user)}")
+    _reject_unsupported(body)
+    return params, n, stream, include_usage
+
+
+def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
+    model = _model(body)
+    messages = parse_messages(body.get("messages"), limits)
+    params, n, stream, include_usage = _sampling(body, limits, vocab_size,
+                                                 ("max_completion_tokens", "max_tokens"), None)
+    logprobs = None
+    if get_bool(body, "logprobs"):
+        logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
+    elif get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS) > 0:
+        raise invalid("top_logprobs", "requires logprobs to be true")
+    params.logprobs = logprobs
+    return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs)
+
+
+def parse_messages(messages, limits: Limits) -> list[dict]:
+    if not isinstance(messages, list):
+        raise invalid("messages", "required: an array of {role, content} objects" if messages is None
+                      else f"expected an array, got {_json_type(messages)}")
+    if not messages:
+        raise invalid("messages", "must contain at least one message")
+    if len(messages) > limits.max_messages:
+        raise invalid("messages", f"at most {limits.max_messages} messages are allowed (got {len(messages)})")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(where, f"expected an object, got {_json_type(m)}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise invalid(f"{where}.role", "required: a string")
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})")
+        content = m.get("content")
+        if content is None and role not in ("assistant",):
+            raise invalid(f"{where}.content", "required for this role")
+        try:
+            text = text_content(content, f"{where}.content")
+        except ValueError as e:  # the message already names the part
+            raise APIError(400, str(e), param=f"{where}.content") from None
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise invalid(f"{where}.name", f"expected a string, got {_json_type(name)}")
+        # The OpenAI "developer" role is the system role of newer models.
+        msg = {"role": "system" if role == "developer" else role, "content": text}
+        if name is not None:
+            msg["name"] = name
+        out.append(msg)
+    return out
+
+
+def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
+    model = _model(body)
+    prompts = parse_prompt(body.get("prompt"), limits)
+    # The OpenAI completions API answers 16 tokens unless asked for more.
+    params, n, stream, include_usage = _sampling(body, limits, vocab_size, ("max_tokens",), 16)
+    if len(prompts) * n > limits.max_choices:
+        raise invalid("n", f"prompts x n may be at most {limits.max_choices} (got {len(prompts)} x {n})")
+    logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    params.logprobs = logprobs
+    return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs)
+
+
+def parse_prompt(prompt, limits: Limits) -> list:
+    """A string, an array of strings, an array of token ids, or an array of those arrays."""
+    def token_list(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if token_list(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_list(p) for p in prompt):
+        if len(prompt) > limits.max_prompts:
+            raise invalid("prompt", f"at most {limits.max_prompts} prompts per request (got {len(prompt)})")
+        return prompt
+    if prompt is None:
+        raise invalid("prompt", "required: a string, an array of strings, or an array of token ids")
+    raise invalid("prompt", "expected a string, an array of strings, an array of token ids, "
+                            "or an array of token-id arrays")
+
+
+# ----------------------------------------------------------------------------------- token text
+class TokenText:
+    """The text and exact bytes of single tokens, for logprobs. A byte-level BPE token can
+    hold part of a UTF-8 character, so its bytes come from the vocabulary, not from decode();
+    such a token is shown as ``bytes:\\xe4\\xbd`` (OpenAI's convention), which keeps the
+    texts of different tokens different."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.added = {i: t.content for i, t in tokenizer.hf.get_added_tokens_decoder().items()}
+        decoder = json.loads(tokenizer.hf.to_str()).get("decoder") or {}
+        self.byte_level = decoder.get("type") == "ByteLevel"
+        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._lookup(token_id)
+        return hit
+
+    def _lookup(self, token_id: int) -> tuple[str, list[int]]:
+        if token_id in self.added:
+            raw = self.added[token_id].encode("utf-8")
+        else:
+            piece = self.tokenizer.hf.id_to_token(token_id) or ""
+            if self.byte_level and all(c in self._byte_of for c in piece):
+                raw = bytes(self._byte_of[c] for c in piece)
+            else:
+                raw = self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, list(raw)
+
+
+class TextOffsets:
+    """Where each token of one answer starts in its text, in characters. A token holding
+    part of a UTF-8 character starts where that character will: offsets count the
+    characters completed by the tokens before it."""
+
+    def __init__(self):
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, raw: list[int]) -> int:
+        start = self.offset
+        self.offset += len(self._decoder.decode(bytes(raw)))
+        return start
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-printable-character table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+# ----------------------------------------------------------------------------------- responses
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_logprobs(samples: list[SampleResult], token_text: TokenText) -> dict:
+    content = []
+    for s in samples:
+        text, raw = token_text(s.token)
+        top = []
+        for tid, lp in s.top_logprobs or []:
+            t, b = token_text(tid)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        content.append({"token": text, "logprob": s.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(samples: list[SampleResult], token_text: TokenText, offsets: TextOffsets) -> dict:
+    """The legacy format, for the next tokens of one choice (``offsets`` carries on from the
+    tokens before them)."""
+    tokens, lps, tops, starts = [], [], [], []
+    for s in samples:
+        text, raw = token_text(s.token)
+        tokens.append(text)
+        lps.append(s.logprob)
+        top = {}
+        for tid, lp in s.top_logprobs or []:
+            top.setdefault(token_text(tid)[0], lp)
+        top[text] = s.logprob  # as vLLM, the sampled token is always listed, with its own value
+        tops.append(top)
+        starts.append(offsets.advance(raw))
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": starts}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def envelope(kind: str, rid: str, created: int, model: str, choices: list, chunk: bool = False, **extra) -> dict:
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    if chunk and kind == "chat":
+        obj = "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
+
+
+def public_finish_reason(reason: str | None) -> str | None:
+    # An aborted request has no OpenAI equivalent; it only reaches a client at shutdown.
+    return "stop" if reason == "abort" else reason
+
+
+def sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode("utf-8")
