@@ -639,6 +639,34 @@ def test_megrez_serve_command(tiny_dir):
     assert f"on http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
 
 
+def test_serve_with_expert_offload_exposes_cache_metrics(tiny_dir):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "megrez.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--max-model-len", "256", "--max-num-seqs", "2", "--kv-cache-memory", "1MiB",
+                             "--gpu-memory-budget", "2.5MiB", "--threads", "1", "--log-level", "warning"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc=proc)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = c.completions.create(model=str(tiny_dir), prompt="hello", max_tokens=8, temperature=0)
+        solo = LLM(tiny_dir).generate("hello", SamplingParams(temperature=0, max_tokens=8))
+        assert r.choices[0].text == solo.text  # offloading changes where experts live, not the answer
+        text = httpx.get(url + "/metrics").text
+        m = {k: float(v) for k, v in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+        assert m["megrez_expert_cache_slots"] > 0
+        uses = sum(m[f'megrez_expert_uses_total{{source="{k}"}}'] for k in ("hits", "prefetched", "misses"))
+        assert uses > 0 and 0 <= m["megrez_expert_cache_hit_ratio"] <= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+
+
 def test_serve_rejects_bad_flags(tiny_dir, capsys):
     from megrez.cli import main
 

@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
                    help="expert cache eviction policy with --gpu-memory-budget (default: group)")
     g.add_argument("--no-prefetch", action="store_true", help="with --gpu-memory-budget: load experts on demand")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed and expert-cache statistics to stderr")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for tensor ops (default: one per core). On a machine shared with other busy "
+                        "processes, set it to the free cores: oversubscribed threads slow decoding several times")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,12 +58,18 @@ def sampling_from_args(a) -> SamplingParams:
                           repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop).validate()
 
 
-def make_llm(a):
+def make_llm(a, max_num_seqs: int = 1, kv_cache_memory: int | None = None, **engine_options):
+    import torch
+
     from .llm import LLM
 
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        torch.set_num_threads(a.threads)
     return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, max_model_len=a.max_model_len,
-               max_num_seqs=getattr(a, "max_num_seqs", 1), gpu_memory_budget=a.gpu_memory_budget,
-               offload_policy=a.offload_policy, prefetch=not a.no_prefetch)
+               max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory, gpu_memory_budget=a.gpu_memory_budget,
+               offload_policy=a.offload_policy, prefetch=not a.no_prefetch, **engine_options)
 
 
 def report(llm, a, seconds: float) -> None:

@@ -55,7 +55,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
                  router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
-                 offload_policy: str = "group", prefetch: bool = True):
+                 offload_policy: str = "group", prefetch: bool = True, **engine_options):
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
         self.tokenizer = Tokenizer(self.path)
@@ -67,7 +67,8 @@ class LLM:
             self.offload, kv_cache_memory = plan_offload(self.model, parse_bytes(gpu_memory_budget),
                                                          kv_cache_memory, offload_policy, prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             kv_cache_memory=kv_cache_memory)
+                             kv_cache_memory=kv_cache_memory, **engine_options)
+        self.engine.offload = self.offload
 
     # ------------------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt) -> list[int]:

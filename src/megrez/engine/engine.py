@@ -97,6 +97,7 @@ class Engine:
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.offload = None  # an ExpertOffload when routed experts live in host memory
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "steps": 0}
 
     # ------------------------------------------------------------------------------ requests
@@ -159,6 +160,8 @@ class Engine:
             outputs += self._finish_step(admitted, self._prefill(admitted))
         if decoding:
             outputs += self._finish_step(decoding, self._decode(decoding))
+        if self.offload is not None:
+            self.offload.cache.collect_timings()  # the step's copies are done: sampling synchronised
         self.stats["steps"] += 1
         return outputs
 

@@ -18,6 +18,7 @@ already prefetched for the next one are never evicted.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -322,7 +323,7 @@ class ExpertOffload:
 
     @property
     def stats(self) -> dict:
-        self.cache.collect_timings()
+        """Counters so far; GPU copy timings are folded in by the engine after each step."""
         return {"slots": self.cache.num_slots, "cache_bytes": self.cache.nbytes, **self.cache.stats.as_dict()}
 
     def reset_stats(self) -> None:
@@ -331,21 +332,14 @@ class ExpertOffload:
 
 
 def parse_bytes(text: str | int) -> int:
-    """'6GiB', '512MiB', '6GB', '1.5G' or a number of bytes."""
-    if isinstance(text, int):
+    """'6GiB', '6GB', '6G', '512MiB', '1.5g' or a number of bytes. Units are binary whichever
+    way they are written: memory comes in powers of two."""
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
-             "g": 2 ** 30, "gb": 1e9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 1e12, "tib": 2 ** 40}
-    s = str(text).strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
-        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 6GiB, 512MiB)")
-    return int(value * units[unit])
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 6GiB, 512MiB, or bytes)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
 
 
 def format_bytes(n: float) -> str:

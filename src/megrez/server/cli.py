@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 API_KEY_ENV = "MEGREZ_API_KEY"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """'4MiB', '512M', '2GB', '1048576' -> bytes (binary units either way: memory is sized so)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB, 4GiB or a number of bytes, got {text!r}")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
+    """argparse type for sizes: '4MiB', '512M', '2GB', '1048576' (binary units)."""
+    from ..engine.offload import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(sub) -> None:
@@ -49,34 +48,19 @@ def register(sub) -> None:
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for tensor ops (default: torch's, one per core). On a machine shared with "
-                        "other busy processes, set it to the cores that are free: oversubscribed threads "
-                        "slow decoding down several times")
     p.set_defaults(func=cmd_serve)
 
 
 def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
-    from ..engine import Engine
-    from ..llm import default_model
-    from ..loading import load_model, resolve_model_path
-    from ..tokenizer import Tokenizer
+    from ..cli import make_llm
 
-    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "threads"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
+        if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.threads is not None:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    path = resolve_model_path(a.model) if a.model is not None else default_model()
-    overrides = {"router_bias": a.router_bias} if a.router_bias else {}
-    tokenizer = Tokenizer(path)
-    model = load_model(path, device=a.device, dtype=a.dtype, **overrides)
-    engine = Engine(model, tokenizer, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                    kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk)
-    return path, engine
+    llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
+                   prefill_chunk=a.prefill_chunk)
+    return llm.path, llm.engine
 
 
 def cmd_serve(a) -> int:

@@ -85,4 +85,16 @@ def render(engine_loop, api_errors: Counter, model_name: str) -> str:
     e.histogram("megrez_time_to_first_token_seconds", "Time from submission to the first token.", engine_loop.ttft)
     e.histogram("megrez_request_latency_seconds", "Time from submission to the last token.", engine_loop.latency)
     e.metric("megrez_model_info", "gauge", "The served model.", [({"model": model_name}, 1)])
+    if engine.offload is not None:
+        s = engine.offload.stats
+        e.metric("megrez_expert_cache_slots", "gauge", "Routed experts the device cache holds.", s["slots"])
+        e.metric("megrez_expert_cache_hit_ratio", "gauge", "Expert uses served from the cache without a copy.",
+                 float(s["hit_rate"]))
+        e.metric("megrez_expert_uses_total", "counter", "Expert uses, by how the expert got to the device.",
+                 [({"source": k}, s[k]) for k in ("hits", "prefetched", "misses")])
+        e.metric("megrez_expert_copy_bytes_total", "counter", "Bytes of experts copied to the device.",
+                 s["bytes_copied"])
+        e.metric("megrez_expert_copy_seconds_total", "counter", "Time spent copying experts, by whether "
+                 "computation waited for it.", [({"kind": "hidden"}, float(s["copy_seconds_hidden"])),
+                                                ({"kind": "exposed"}, float(s["copy_seconds_exposed"]))])
     return e.text()
