@@ -6,6 +6,7 @@ official ``openai`` client (and raw HTTP where the client would hide the wire fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -613,19 +614,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_megrez_serve_command(tiny_dir):
+@contextlib.contextmanager
+def serve_process(model_dir, *flags, env=None):
+    """``megrez serve`` as a real subprocess on a free port; yields (url, process), then Ctrl-C."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MEGREZ_API_KEY": "sk-from-env"}
-    proc = subprocess.Popen([sys.executable, "-m", "megrez.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "2",
-                             "--threads", "1", "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "megrez.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--threads", "1", "--log-level", "warning", *flags], env=env, stderr=subprocess.PIPE,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc=proc)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="sk-from-env", max_retries=0)
-        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-        assert r.model == "tiny" and r.usage.completion_tokens >= 1
-        assert httpx.get(url + "/v1/models").status_code == 401
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -633,22 +633,24 @@ def test_megrez_serve_command(tiny_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def test_megrez_serve_command(tiny_dir):
+    with serve_process(tiny_dir, "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "2",
+                       env={"MEGREZ_API_KEY": "sk-from-env"}) as (url, proc):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sk-from-env", max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.model == "tiny" and r.usage.completion_tokens >= 1
+        assert httpx.get(url + "/v1/models").status_code == 401
     # uvicorn shuts down gracefully, then re-raises the signal: Ctrl-C's conventional status.
     assert proc.returncode == 130
     err = proc.stderr.read()
-    assert f"on http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+    assert f"on {url}/v1" in err and "Traceback" not in err
 
 
 def test_serve_with_expert_offload_exposes_cache_metrics(tiny_dir):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "megrez.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
-                             "--max-model-len", "256", "--max-num-seqs", "2", "--kv-cache-memory", "1MiB",
-                             "--gpu-memory-budget", "2.5MiB", "--threads", "1", "--log-level", "warning"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc=proc)
+    with serve_process(tiny_dir, "--max-model-len", "256", "--max-num-seqs", "2", "--kv-cache-memory", "1MiB",
+                       "--gpu-memory-budget", "2.5MiB") as (url, proc):
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         r = c.completions.create(model=str(tiny_dir), prompt="hello", max_tokens=8, temperature=0)
         solo = LLM(tiny_dir).generate("hello", SamplingParams(temperature=0, max_tokens=8))
@@ -658,13 +660,6 @@ def test_serve_with_expert_offload_exposes_cache_metrics(tiny_dir):
         assert m["megrez_expert_cache_slots"] > 0
         uses = sum(m[f'megrez_expert_uses_total{{source="{k}"}}'] for k in ("hits", "prefetched", "misses"))
         assert uses > 0 and 0 <= m["megrez_expert_cache_hit_ratio"] <= 1
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 def test_serve_rejects_bad_flags(tiny_dir, capsys):
