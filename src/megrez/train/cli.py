@@ -89,11 +89,14 @@ def cmd_train(a) -> int:
     cfg = config_from_args(a, a.train_command)
     try:
         summary = train(cfg)
+        rank, world = distributed.rank(), distributed.world_size()
     finally:
         distributed.cleanup()
-    if distributed.rank() == 0:
-        short = {k: v for k, v in summary.items() if k != "losses"}
-        print(json.dumps(short))
+    # One summary line per process: under torchrun every rank reports the (all-reduced) losses.
+    short = {k: v for k, v in summary.items() if k != "losses"}
+    if world > 1:
+        short.update(rank=rank, world_size=world, losses=summary["losses"])
+    print(json.dumps(short), flush=True)
     return 0
 
 

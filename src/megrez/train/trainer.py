@@ -175,8 +175,9 @@ def enable_activation_checkpointing(model) -> None:
         layer.mlp.forward = functools.partial(checkpoint, layer.mlp.forward, use_reentrant=False)
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast (auto: on CUDA only; CPU bf16 matmuls are slow), or nothing."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
@@ -216,7 +217,7 @@ class Trainer:
         if self.world > 1:
             distributed.shard_model(self.model, torch.bfloat16 if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
-        self.autocast = autocast_for(cfg, self.device)
+        self.autocast = autocast_for(cfg.precision, self.device)
 
         self.step, self.tokens_seen = 0, 0
         if self.state is not None:
