@@ -13,7 +13,7 @@ OUT=${OUT:-runs-out/shipped}
 D=$OUT/data
 
 python -m scripts.prepare_corpus --out "$D"
-python -m scripts.make_chat_data --corpus "$D" --out "$D/chat.jsonl" --n 4000
+python -m scripts.make_chat_data --corpus "$D" --out "$D/chat.jsonl" --n 3000
 [ -f "$OUT/tokenizer/tokenizer.json" ] || python -m scripts.train_tokenizer --vocab 8192 --max-length 1024 \
     --text "$D/kjv.jsonl" "$D/zh_poetry.jsonl" "$D/zh_classics.jsonl" --chat "$D/chat.jsonl" --out "$OUT/tokenizer"
 
@@ -24,7 +24,7 @@ python -m megrez.cli train pretrain --preset megrez2-tiny --tokenizer "$OUT/toke
     --data "$D/kjv.jsonl" "$D/zh_poetry.jsonl" "$D/zh_poetry.jsonl" "$D/zh_poetry.jsonl" "$D/zh_poetry.jsonl" \
            "$D/zh_classics.jsonl" "$D/zh_classics.jsonl" \
     --val-data "$D/val.jsonl" --out "$OUT/pretrain" \
-    --seq-len 256 --batch-size 8 --steps 1400 --lr 3e-3 --warmup-steps 50 --min-lr-ratio 0.1 \
+    --seq-len 256 --batch-size 8 --steps 800 --lr 3e-3 --warmup-steps 50 --min-lr-ratio 0.1 \
     --bias-update-rate 0.01 --log-every 10 --eval-every 100 --save-every 100 --export-dtype float32
 
 # SFT: turn-level loss, learning rate well below pre-training's, 2 epochs.

@@ -363,3 +363,18 @@ def test_cli_config_file_and_flags(tmp_path, tok_dir):
                  "--val-fraction", "0.1"]) == 0
     assert json.loads((tmp_path / "o/train_config.json").read_text())["steps"] == 2
     assert main(["train", "pretrain", "--config", str(conf), "--loss", "turn", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bundled_model_chats_and_stops_at_turn_end():
+    from megrez.engine import SamplingParams
+    from megrez.llm import LLM, default_model
+
+    path = default_model()
+    if path.name != "megrez2-tiny-chat":
+        pytest.skip("no bundled model in src/megrez/assets (built by runs/shipped_model.sh)")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["experts_shared_frequency"] == 3 and cfg["pre_gate"] is True
+    assert sum(f.stat().st_size for f in path.glob("*.safetensors")) < 40 << 20
+    llm = LLM(path, device="cpu")
+    out = llm.chat([{"role": "user", "content": "Hello!"}], SamplingParams(max_tokens=40, temperature=0.0))
+    assert out.finish_reason == "stop" and out.text.strip()

@@ -1,4 +1,4 @@
-"""FSDP2 data parallelism on CPU: two processes under torchrun (gloo) take the same step as one
+"""FSDP2 data parallelism on CPU: two processes under torchrun (gloo) take the same steps as one
 process with the whole batch.
 
     PYTHONPATH=src python -m pytest tests/test_train_distributed.py -q
@@ -26,7 +26,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def test_two_process_fsdp_step_matches_one_process(tmp_path, tok_dir):  # noqa: F811
     common = dict(steps=2, batch_size=1, seq_len=32, eval_every=2, save_every=2, export_dtype="float32",
                   warmup_steps=1, lr=1e-3)
-    cfg = pretrain_cfg(tmp_path / "dist", tok_dir, **common)
+    # Activation checkpointing on in the FSDP run only: it must not change the step either.
+    cfg = pretrain_cfg(tmp_path / "dist", tok_dir, activation_checkpointing=True, **common)
     conf = {k: v for k, v in vars(cfg).items() if k != "stage"}
     (tmp_path / "dist.json").write_text(json.dumps(conf, default=list))
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
