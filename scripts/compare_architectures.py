@@ -5,11 +5,12 @@
   dense     a dense Llama model whose MLP width matches the MoE models' active width
   megrez2-wide (optional, --with-wide) Megrez2 with 3x the experts per pool: the stored size of `moe`
 
-on the same data (the shipped model's corpus and tokenizer) with the same schedule. Reports
-validation loss, stored and active parameters and CPU tokens/s as JSON and a plot.
+on the same data (the shipped model's corpus and tokenizer) with the same schedule, for several
+seeds (the seed sets initialisation and data order). Reports validation loss (mean and spread over
+seeds), stored and active parameters and CPU tokens/s as JSON and a plot.
 
     python -m scripts.compare_architectures --corpus runs-out/shipped/data --tokenizer runs-out/shipped/tokenizer \
-        --out runs-out/compare --steps 300
+        --out runs-out/compare --steps 300 --seeds 0 1
 """
 from __future__ import annotations
 
@@ -47,16 +48,16 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, a) -> dict:
+def run_variant(name: str, seed: int, a) -> dict:
     from megrez.train import TrainConfig, Trainer
 
     d = Path(a.corpus)
-    out = Path(a.out) / name
+    out = Path(a.out) / (name if seed == 0 else f"{name}-seed{seed}")
     cfg = TrainConfig(stage="pretrain", tokenizer=a.tokenizer, data=[str(d / "kjv.jsonl"), str(d / "zh_poetry.jsonl"),
                       str(d / "zh_classics.jsonl")], val_data=[str(d / "val.jsonl")], out=str(out),
                       seq_len=256, batch_size=8, steps=a.steps, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1,
                       bias_update_rate=0.01, log_every=10, eval_every=a.eval_every, eval_batches=16,
-                      save_every=a.eval_every, export_dtype="float32", seed=0, progress=a.progress,
+                      save_every=a.eval_every, export_dtype="float32", seed=seed, progress=a.progress,
                       **VARIANTS[name])
     if not (out / "final" / "config.json").is_file():
         Trainer(cfg).run()
@@ -65,26 +66,46 @@ def run_variant(name: str, a) -> dict:
     val = [(r["tokens"], r["val_loss"]) for r in recs if "val_loss" in r]
     speed = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
     imb = [r["imbalance"] for r in recs if "imbalance" in r]
-    return {"name": name, "stored_params": start["stored_params"], "active_params": start["active_params"],
+    return {"name": name, "seed": seed, "stored_params": start["stored_params"], "active_params": start["active_params"],
             "train_tokens": val[-1][0], "val_loss": val[-1][1], "val_curve": val,
             "median_tok_per_s": sorted(speed)[len(speed) // 2],
             "final_max_imbalance": max(imb[-1]) if imb else None}
 
 
-def plot(results: list[dict], path: Path) -> None:
+def summarise(results: list[dict]) -> list[dict]:
+    """Per variant: mean final validation loss over seeds, and its spread (max - min)."""
+    out = []
+    for name in dict.fromkeys(r["name"] for r in results):
+        rs = [r for r in results if r["name"] == name]
+        losses = [r["val_loss"] for r in rs]
+        out.append({"name": name, "seeds": [r["seed"] for r in rs], "stored_params": rs[0]["stored_params"],
+                    "active_params": rs[0]["active_params"], "train_tokens": rs[0]["train_tokens"],
+                    "val_loss_mean": sum(losses) / len(losses), "val_loss_spread": max(losses) - min(losses),
+                    "val_losses": losses, "median_tok_per_s": sorted(r["median_tok_per_s"] for r in rs)[len(rs) // 2],
+                    "final_max_imbalance": rs[0]["final_max_imbalance"]})
+    return out
+
+
+def plot(results: list[dict], summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        xs, ys = zip(*r["val_curve"])
-        ax.plot([x / 1e6 for x in xs], ys, "o-", ms=3,
-                label=f"{r['name']} ({r['stored_params'] / 1e6:.1f}M stored, {r['active_params'] / 1e6:.1f}M active)")
+    for n, s in enumerate(summary):
+        rs = [r for r in results if r["name"] == s["name"]]
+        xs = [x / 1e6 for x, _ in rs[0]["val_curve"]]
+        curves = [[y for _, y in r["val_curve"]] for r in rs]
+        mean = [sum(c) / len(c) for c in zip(*curves)]
+        color = f"C{n}"
+        ax.plot(xs, mean, "o-", ms=3, color=color,
+                label=f"{s['name']} ({s['stored_params'] / 1e6:.1f}M stored, {s['active_params'] / 1e6:.1f}M active)")
+        if len(curves) > 1:
+            ax.fill_between(xs, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)], color=color, alpha=0.2)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("equal active parameters, equal tokens")
+    ax.set_title(f"equal active parameters, equal tokens (mean of {len(summary[0]['seeds'])} seeds, band = min-max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -99,17 +120,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs-out/compare")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--variants", nargs="+", default=["moe", "megrez2", "dense"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["moe", "megrez2", "dense", "megrez2-wide"],
+                    choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--plot", default="docs/img/compare_val_loss.png")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = ap.parse_args()
-    results = [run_variant(n, a) for n in a.variants]
+    results = [run_variant(n, seed, a) for seed in a.seeds for n in a.variants]
+    summary = summarise(results)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "results.json").write_text(json.dumps(results, indent=2))
+    (Path(a.out) / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
     Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(results, Path(a.plot))
-    for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k != "val_curve"}))
+    plot(results, summary, Path(a.plot))
+    for s in summary:
+        print(json.dumps(s))
 
 
 if __name__ == "__main__":

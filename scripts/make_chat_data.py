@@ -62,8 +62,8 @@ def arithmetic(rng: random.Random) -> tuple[str, str]:
     return q, f"{a}{zh}{b}等于{c}。"
 
 
-def verse_task(rng: random.Random, verses: list[dict], by_ref: dict) -> tuple[str, str]:
-    if rng.random() < 0.25:
+def verse_task(rng: random.Random, verses: list[dict], by_ref: dict, famous: float) -> tuple[str, str]:
+    if rng.random() < famous:
         ref = rng.choice(FAMOUS)
         q = rng.choice([f"Quote {ref}.", f"What does {ref} say?", f"Recite {ref} from the King James Bible."])
         return q, f"{ref}: {by_ref[ref]}"
@@ -107,10 +107,9 @@ def greeting(rng: random.Random) -> tuple[str, str]:
     return rng.choice(prompts), rng.choice(answers)
 
 
-def conversation(rng: random.Random, verses, by_ref, poems) -> list[dict]:
-    tasks = [lambda: greeting(rng), lambda: arithmetic(rng), lambda: verse_task(rng, verses, by_ref),
+def conversation(rng: random.Random, verses, by_ref, poems, weights, famous) -> list[dict]:
+    tasks = [lambda: greeting(rng), lambda: arithmetic(rng), lambda: verse_task(rng, verses, by_ref, famous),
              lambda: poem_task(rng, poems)]
-    weights = [0.15, 0.25, 0.3, 0.3]
     n_turns = rng.choices([1, 2, 3], weights=[0.6, 0.3, 0.1])[0]
     msgs = []
     if rng.random() < 0.1:
@@ -127,6 +126,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs-out/shipped/data/chat.jsonl")
     ap.add_argument("--n", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", nargs=4, type=float, default=[0.15, 0.25, 0.3, 0.3],
+                    metavar=("GREET", "ARITH", "VERSE", "POEM"), help="task mix of the user turns")
+    ap.add_argument("--famous", type=float, default=0.25,
+                    help="share of verse tasks that quote one of a few famous verses (memorisable)")
     a = ap.parse_args()
     corpus = Path(a.corpus)
     verses = [json.loads(x) for x in (corpus / "verses.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -138,7 +141,7 @@ def main() -> None:
     rng = random.Random(a.seed)
     with open(a.out, "w", encoding="utf-8") as f:
         for _ in range(a.n):
-            f.write(json.dumps({"messages": conversation(rng, verses, by_ref, poems)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"messages": conversation(rng, verses, by_ref, poems, a.weights, a.famous)}, ensure_ascii=False) + "\n")
     print(f"wrote {a.n} conversations to {a.out}")
 
 
