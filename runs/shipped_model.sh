@@ -2,7 +2,7 @@
 # The recipe of the model shipped in src/megrez/assets/megrez2-tiny-chat: a ~10M-parameter
 # Megrez2 (cross-layer expert sharing every 3 layers, pre-gated routing) pre-trained on the
 # King James Bible and classical Chinese poetry from Debian packages, then SFT on a synthetic
-# chat set. About 30-60 minutes on 2 CPU cores. Rerunning resumes unfinished stages.
+# chat set. About 20-40 minutes on 2 CPU cores. Rerunning resumes unfinished stages.
 #
 #   apt-get install -y bible-kjv fortunes-zh && pip install matplotlib
 #   bash runs/shipped_model.sh

@@ -58,7 +58,7 @@ def card(run: Path, dest: Path, chat, raw) -> str:
         f"{last(run / 'pretrain' / 'metrics.jsonl', 'val_loss'):.3f} nats/token",
         f"- SFT: {last(run / 'sft' / 'metrics.jsonl', 'tokens') / 1e6:.2f}M tokens ({sft_start['total_steps']} steps, "
         f"turn-level loss), final validation turn loss {last(run / 'sft' / 'metrics.jsonl', 'val_turn_loss'):.3f}",
-        "- recipe: `runs/shipped_model.sh` (about 30-60 minutes on 2 CPU cores)",
+        "- recipe: `runs/shipped_model.sh` (about 20-40 minutes on 2 CPU cores)",
         "",
         "## Training data and licences",
         "",
