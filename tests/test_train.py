@@ -272,6 +272,21 @@ def test_sequence_aux_loss_value_and_gradient():
     assert logits.grad.abs().sum() > 0
 
 
+def test_trainer_adds_the_sequence_aux_loss_when_asked(tmp_path, tok_dir):
+    params = []
+    for alpha in (0.0, 0.5):
+        tr = Trainer(pretrain_cfg(tmp_path / f"aux{alpha}", tok_dir, aux_loss_weight=alpha, steps=1))
+        seen = []
+        take = tr.balance.take_aux_loss
+        tr.balance.take_aux_loss = lambda: seen.append(take()) or seen[-1]
+        tr.train_step()
+        assert (seen[0] is None) == (alpha == 0.0) and not tr.balance.aux_terms
+        params.append({n: p.detach().clone() for n, p in tr.model.named_parameters()})
+    # The aux term's gradient reaches the routers through their float32 logits.
+    router = "model.layers.2.mlp.gate.weight"
+    assert not torch.equal(params[0][router], params[1][router])
+
+
 def test_shared_expert_pool_gets_the_sum_of_its_layers_gradients(tok):
     shared = tiny_model(tok, seed=3)                               # layers 1-3 share layer 1's bank
     cfg = dict(shared.hf_config, experts_shared_frequency=1)      # each layer its own bank

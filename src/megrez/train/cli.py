@@ -27,7 +27,7 @@ HELP = {
     "init": "checkpoint directory to start from (any model the engine loads)",
     "preset": "train from scratch with this size (see `megrez train presets`)",
     "model_overrides": "JSON object of config.json keys set on top of the preset",
-    "loss": "per_token, or turn (SFT: each assistant turn averaged, then turns averaged)",
+    "loss": "per_token, or turn (each assistant turn averaged, then turns averaged; the default of sft)",
     "bias_update_rate": "auxiliary-loss-free balancing: routing-bias change per step (0 disables)",
     "aux_loss_weight": "weight of the sequence-wise balance loss (0 disables)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU",
@@ -39,22 +39,22 @@ HELP = {
 
 
 def _add_field(group, f) -> None:
-    from .trainer import TrainConfig  # noqa: F401  (field types are strings under annotations)
-
     flag = "--" + f.name.replace("_", "-")
-    kind = str(f.type)
+    kind = str(f.type)  # field types are strings (postponed annotations)
+    value = f.default_factory() if f.default is MISSING else f.default
+    text = (HELP.get(f.name, "") + f" (default: {value})").strip().replace("%", "%%")
     default = argparse.SUPPRESS  # unset flags do not override the config file
     if kind == "bool":
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name))
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     elif kind.startswith("list"):
-        group.add_argument(flag, nargs="+", default=default, help=HELP.get(f.name))
+        group.add_argument(flag, nargs="+", default=default, help=text)
     elif kind == "dict":
-        group.add_argument(flag, type=json.loads, default=default, help=HELP.get(f.name))
+        group.add_argument(flag, type=json.loads, default=default, help=text)
     elif kind.startswith("tuple"):
-        group.add_argument(flag, nargs=2, type=float, default=default, help=HELP.get(f.name))
+        group.add_argument(flag, nargs=2, type=float, default=default, help=text)
     else:
         conv = int if "int" in kind else float if "float" in kind else str
-        group.add_argument(flag, type=conv, default=default, help=HELP.get(f.name))
+        group.add_argument(flag, type=conv, default=default, help=text)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
