@@ -315,6 +315,21 @@ def test_activation_checkpointing_gives_the_same_gradients(tok):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_router_math_stays_float32_under_bf16_autocast(tmp_path, tok_dir):
+    g = torch.Generator().manual_seed(0)
+    router = Router(32, 8)
+    router.weight.data.normal_(0, 0.5, generator=g)
+    x = torch.randn(5, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router(x)
+        other = torch.nn.functional.linear(x, router.weight)
+    assert logits.dtype == torch.float32 and other.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x, router.weight))
+    # A whole training step under bf16 autocast (the GPU setting) runs and exports a loadable model.
+    res = Trainer(pretrain_cfg(tmp_path, tok_dir, precision="bf16", steps=2, eval_every=2, save_every=2)).run()
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+
+
 def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -341,6 +356,23 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tok_dir):
         [s for s in (json.loads(x).get("step") for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines())
          if s is not None]
     assert not (Path(cfg.out) / "checkpoints" / ".step_000004.tmp-x").exists()
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, tok_dir):
+    """Turn-level loss: the denominator is the number of turns in the whole global batch."""
+    chat = write_chat(tmp_path / "chat.jsonl", 30)
+    results = []
+    for bs, accum in ((4, 1), (1, 4)):
+        cfg = TrainConfig(stage="sft", preset="megrez2-test", tokenizer=str(tok_dir), data=[str(chat)],
+                          val_fraction=0.1, out=str(tmp_path / f"b{bs}"), seq_len=48, batch_size=bs,
+                          grad_accum=accum, steps=2, loss="turn", lr=1e-3, warmup_steps=1, eval_every=2,
+                          save_every=2, progress=False, plots=False)
+        tr = Trainer(cfg)
+        losses = [tr.train_step()["loss"] for _ in range(2)]
+        results.append((losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for n, p in results[0][1].items():
+        torch.testing.assert_close(p, results[1][1][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_trained_checkpoints_load_in_the_engine_and_generate(tmp_path, tok_dir):
