@@ -425,3 +425,45 @@ def test_bundled_model_chats_and_stops_at_turn_end():
     llm = LLM(path, device="cpu")
     out = llm.chat([{"role": "user", "content": "Hello!"}], SamplingParams(max_tokens=40, temperature=0.0))
     assert out.finish_reason == "stop" and out.text.strip()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path, tok_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+    def command(name):
+        cfg = pretrain_cfg(tmp_path / name, tok_dir, steps=STEPS, save_every=7, eval_every=100, keep_checkpoints=2,
+                           seq_len=64, batch_size=4)
+        conf = tmp_path / f"{name}.json"
+        conf.write_text(json.dumps({k: v for k, v in vars(cfg).items() if k != "stage"}, default=list))
+        return [sys.executable, "-m", "megrez.cli", "train", "pretrain", "--config", str(conf)], Path(cfg.out)
+
+    def losses(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+    STEPS = 300
+    cmd, straight = command("straight")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    duration = time.perf_counter() - t0
+    cmd, killed = command("killed")
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 0.4) * duration)  # some kills land in start-up, some in saves
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    assert kills >= 3
+    assert losses(killed) == losses(straight)
+    assert [s for s, _ in ckpt.complete_checkpoints(killed / "checkpoints")][-1] == STEPS
