@@ -64,7 +64,9 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())  # router math in float32
+        # Router math in float32, also under autocast (which would otherwise run it in bf16).
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
 
 class ExpertBank(nn.Module):

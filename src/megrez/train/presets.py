@@ -1,0 +1,59 @@
+"""Named model sizes for training from scratch. Each is a Hugging Face ``config.json`` without
+``vocab_size`` (taken from the tokenizer). Megrez2 presets keep the real model's structure:
+layer 0 dense, the MoE layers in sharing groups of 3 with pre-gated routing, sigmoid scores
+with ``noaux_tc`` selection, shared experts beside the routed ones.
+
+    megrez train pretrain --preset megrez2-tiny ...        (see ``megrez train presets``)
+"""
+from __future__ import annotations
+
+_MEGREZ2 = {
+    "architectures": ["MegrezMoeForCausalLM"], "model_type": "megrez_moe",
+    "hidden_act": "silu", "first_k_dense_replace": 1, "moe_layer_freq": 1, "experts_shared_frequency": 3,
+    "pre_gate": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+    "ep_size": 1, "rope_scaling": None, "rms_norm_eps": 1e-6, "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rope_scaling": None,
+    "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+}
+
+PRESETS: dict[str, dict] = {
+    # Unit tests and smoke runs: seconds on a CPU.
+    "megrez2-test": {**_MEGREZ2, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                     "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                     "max_position_embeddings": 1024, "rope_theta": 10000.0},
+    # The model shipped in megrez/assets (runs/shipped_model.sh): ~8M stored, ~5M active.
+    "megrez2-tiny": {**_MEGREZ2, "hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 128,
+                     "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "n_routed_experts": 16, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                     "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                     "max_position_embeddings": 1024, "rope_theta": 10000.0},
+    # GPU throughput benchmarks (scripts/train_bench.py): ~215M stored, ~145M active with a 32K vocab.
+    "megrez2-200m": {**_MEGREZ2, "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 384,
+                     "num_hidden_layers": 13, "num_attention_heads": 12, "num_key_value_heads": 4,
+                     "n_routed_experts": 32, "num_experts_per_tok": 4, "n_shared_experts": 2,
+                     "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                     "max_position_embeddings": 4096, "rope_theta": 1_000_000.0},
+    # The released Megrez2-3x7B-A3B layer shapes (7.5B stored, 3B active), for multi-GPU FSDP runs.
+    # The model card does not state the routing groups or scaling factor: plain top-k, scale 1.
+    "megrez2-3x7b": {**_MEGREZ2, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                     "num_hidden_layers": 31, "num_attention_heads": 16, "num_key_value_heads": 4,
+                     "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 4,
+                     "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                     "max_position_embeddings": 32768, "rope_theta": 1_000_000.0},
+    "llama-test": {**_LLAMA, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                   "rope_theta": 10000.0},
+}
+
+
+def preset_config(name: str, vocab_size: int, overrides: dict | None = None, eos_token_id: int | None = None,
+                  pad_token_id: int | None = None) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id, "torch_dtype": "float32", **(overrides or {})}
