@@ -100,16 +100,21 @@ def best_time(fn, device, reps: int = 5) -> float:
 
 
 def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
-    """Bytes/s of the fastest pure read we can issue: a reduction and a matrix-vector product
-    over a buffer far larger than any cache."""
+    """Bytes/s of the fastest pure reads we can issue over a buffer far larger than any cache:
+    a reduction, torch's matrix-vector product and (CPU) the decode kernel's."""
+    from . import kernels
+
     nbytes = nbytes or ((4 << 30) if device.type == "cuda" else (1 << 30))
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    reduce_bw = nbytes / best_time(lambda: x.sum(), device)
+    out = {"reduce": nbytes / best_time(lambda: x.sum(), device)}
     w = x.view(-1, 4096)
-    v = torch.ones(4096, dtype=torch.float32, device=device)
-    matvec_bw = nbytes / best_time(lambda: torch.mv(w, v), device)
+    v = torch.ones(1, 4096, dtype=torch.float32, device=device)
+    out["matvec"] = nbytes / best_time(lambda: torch.mv(w, v[0]), device)
+    if device.type == "cpu" and kernels.load() is not None:
+        with torch.inference_mode():
+            out["kernel"] = nbytes / best_time(lambda: kernels.linear(v, w), device)
     del x, w
-    return {"reduce": reduce_bw, "matvec": matvec_bw, "best": max(reduce_bw, matvec_bw)}
+    return {**out, "best": max(out.values())}
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -242,8 +247,8 @@ def bench(a) -> dict:
         model = random_model(a.shape, device, dtype, a.kv_heads)
         name = a.shape
     bw = measure_read_bandwidth(device)
-    ceilings = {"read_bandwidth": bw["best"], "read_bandwidth_reduce": bw["reduce"],
-                "read_bandwidth_matvec": bw["matvec"], "matmul_flops": measure_matmul_flops(device, dtype)}
+    ceilings = {"read_bandwidth": bw["best"], **{f"read_bandwidth_{k}": v for k, v in bw.items() if k != "best"},
+                "matmul_flops": measure_matmul_flops(device, dtype)}
     counts = model.parameter_counts()
     wb = weight_bytes(model)
     header = {"model": name, "device": str(device), "device_name": device_name(device), "dtype": str(dtype),
@@ -251,8 +256,9 @@ def bench(a) -> dict:
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **ceilings}
     print(f"{name}: {counts['stored'] / 1e6:.0f}M stored / {counts['active'] / 1e6:.0f}M active parameters, "
           f"{dtype}, {header['device_name']}, {header['threads']} threads")
-    print(f"measured: read bandwidth {bw['best'] / 1e9:.1f} GB/s (reduce {bw['reduce'] / 1e9:.1f}, "
-          f"matvec {bw['matvec'] / 1e9:.1f}), matmul {ceilings['matmul_flops'] / 1e12:.2f} TFLOP/s")
+    probes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best")
+    print(f"measured: read bandwidth {bw['best'] / 1e9:.1f} GB/s ({probes}), "
+          f"matmul {ceilings['matmul_flops'] / 1e12:.2f} TFLOP/s")
     print(f"weights read per decode step: {wb['dense'] / 1e6:.0f} MB non-expert "
           f"+ {wb['expert'] / 1e6:.2f} MB per distinct routed expert per layer + KV cache")
     results = []

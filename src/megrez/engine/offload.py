@@ -274,6 +274,8 @@ class ExpertCache:
 class OffloadedBank(ExpertBank):
     """An expert bank whose weights stay in host memory; computation uses cache slots."""
 
+    weights_stay_valid = False  # a slot may be refilled once its expert's product is issued
+
     def __init__(self, host: ExpertBank, owner: int, cache: ExpertCache):
         torch.nn.Module.__init__(self)
         self.num_experts, self.owner = host.num_experts, owner

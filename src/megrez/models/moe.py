@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .base import MLP
 
 
@@ -94,14 +95,24 @@ class ExpertBank(nn.Module):
             if count:
                 starts[expert] = (start, start + count)
                 start += count
-        for expert, (gate, up, down) in self.expert_weights(list(starts)):
-            a, b = starts[expert]
-            seg = xs[a:b]
-            ys[a:b] = (F.silu(seg @ gate.t()) * (seg @ up.t())) @ down.t()
+        if self.weights_stay_valid:
+            # All experts' products in one go (two kernel calls when decoding on a CPU).
+            served = list(self.expert_weights(list(starts)))
+            outs = kernels.experts_swiglu([(xs[slice(*starts[e])], *w) for e, w in served])
+            for (expert, _), out in zip(served, outs):
+                ys[slice(*starts[expert])] = out
+        else:
+            # Each expert's weights are valid only until the next one is requested (offloading).
+            for expert, (gate, up, down) in self.expert_weights(list(starts)):
+                a, b = starts[expert]
+                ys[a:b] = kernels.linear(kernels.swiglu(xs[a:b], gate, up), down)
         ys = ys.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of, ys)
         return out.to(x.dtype)
+
+    # Whether tensors from expert_weights stay valid after the next expert is requested.
+    weights_stay_valid = True
 
     def expert_weights(self, experts: list[int]):
         """(expert, (gate [I, H], up [I, H], down [H, I])) for each requested expert, in an

@@ -1,0 +1,159 @@
+"""CPU kernels for decoding: float32 ``x @ W^T`` (and the fused SwiGLU gate/up product) when
+``x`` has at most 8 rows. Decoding is memory-bound, and BLAS libraries handle these shapes
+poorly on many CPUs (MKL reaches about half the memory bandwidth on AMD machines); the small C
+file beside this module streams each weight row once for all rows of ``x``.
+
+The C file is compiled once per machine with the system C compiler (about a second) into
+``~/.cache/megrez/kernels`` and loaded with ctypes. Without a compiler or AVX2/FMA, or with
+``MEGREZ_CPU_KERNELS=0``, :func:`linear` and :func:`swiglu` use torch; the results differ only
+in floating-point summation order. Only inference uses the kernels (they have no autograd).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("small_m.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 8
+
+_lib = None
+_state = "untried"  # untried | loaded | unavailable
+reason = ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MEGREZ_CACHE") or Path.home() / ".cache" / "megrez"
+    return Path(root) / "kernels"
+
+
+def _cpu_ok() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except Exception:
+        return False
+
+
+def load():
+    """The compiled library, compiling it on first use; None when unavailable."""
+    global _lib, _state, reason
+    if _state != "untried":
+        return _lib
+    _state = "unavailable"
+    if os.environ.get("MEGREZ_CPU_KERNELS", "1") == "0":
+        reason = "disabled by MEGREZ_CPU_KERNELS=0"
+        return None
+    if not _cpu_ok():
+        reason = "the CPU lacks AVX2/FMA"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        reason = "no C compiler (cc) found"
+        return None
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"small_m-{tag}.so"
+    try:
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
+                               text=True, timeout=120)
+                os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        reason = f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
+        print(f"megrez: CPU decode kernels unavailable ({reason}); using torch's matmul", file=sys.stderr)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.megrez_grouped.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.megrez_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    lib.megrez_swiglu.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
+    lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
+    _lib, _state = lib, "loaded"
+    return lib
+
+
+def _eligible(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return all(w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu" for w in weights)
+
+
+def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
+    """One kernel call over items (x [M, K] contiguous, w1 [N, K], w2 [N, K] or None)."""
+    if len(items) > 64:  # the kernel's bound on products per call
+        return _run(lib, swiglu, items[:64]) + _run(lib, swiglu, items[64:])
+    g = len(items)
+    k = items[0][1].shape[1]
+    outs = [torch.empty(x.shape[0], w1.shape[0], dtype=torch.float32) for x, w1, _ in items]
+    ptrs = ctypes.c_void_p * g
+    lengths = ctypes.c_int64 * g
+    rc = lib.megrez_grouped(int(swiglu), g, ptrs(*(x.data_ptr() for x, _, _ in items)),
+                            ptrs(*(w1.data_ptr() for _, w1, _ in items)),
+                            ptrs(*((w2 if w2 is not None else w1).data_ptr() for _, w1, w2 in items)),
+                            ptrs(*(o.data_ptr() for o in outs)), lengths(*(x.shape[0] for x, _, _ in items)),
+                            lengths(*(w1.shape[0] for _, w1, _ in items)), k)
+    if rc != 0:
+        raise RuntimeError("megrez_grouped: invalid arguments")
+    return outs
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through the decode kernel where it applies."""
+    if not _eligible(x, weight) or (lib := load()) is None:
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    xc = x.reshape(-1, k).contiguous()
+    y = torch.empty(xc.shape[0], n)
+    lib.megrez_linear(xc.data_ptr(), weight.data_ptr(), y.data_ptr(), xc.shape[0], n, k)
+    y = y.view(*x.shape[:-1], n)
+    return y + bias if bias is not None else y
+
+
+def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | None = None) -> list[torch.Tensor]:
+    """``[F.linear(x, w, b) for w, b in ...]`` in one kernel call (e.g. Q, K and V)."""
+    biases = biases or [None] * len(weights)
+    if not _eligible(x, *weights) or (lib := load()) is None:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    xc = x.reshape(-1, x.shape[-1]).contiguous()
+    outs = _run(lib, False, [(xc, w, None) for w in weights])
+    return [o.view(*x.shape[:-1], o.shape[-1]) + b if b is not None else o.view(*x.shape[:-1], o.shape[-1])
+            for o, b in zip(outs, biases)]
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ gate^T) * (x @ up^T)``, fused in the decode kernel where it applies."""
+    if not _eligible(x, gate, up) or (lib := load()) is None:
+        return F.silu(F.linear(x, gate)) * F.linear(x, up)
+    n, k = gate.shape
+    xc = x.reshape(-1, k).contiguous()
+    h = torch.empty(xc.shape[0], n)
+    lib.megrez_swiglu(xc.data_ptr(), gate.data_ptr(), up.data_ptr(), h.data_ptr(), xc.shape[0], n, k)
+    return h.view(*x.shape[:-1], n)
+
+
+def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each,
+    all experts in two kernel calls when every segment has at most 8 rows."""
+    if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := load()) is not None:
+        xs = [x.contiguous() for x, _, _, _ in segments]
+        hs = _run(lib, True, [(x, g, u) for x, (_, g, u, _) in zip(xs, segments)])
+        return _run(lib, False, [(h, d, None) for h, (_, _, _, d) in zip(hs, segments)])
+    return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]

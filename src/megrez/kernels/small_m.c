@@ -1,0 +1,124 @@
+/* Matrix products for decoding on CPUs: y = x @ W^T with few rows in x (M <= 8) and a large
+ * row-major float32 W, which is memory-bound. Every row of W is streamed from memory exactly
+ * once and multiplied with all M rows of x while it sits in registers. Rows of W are split over
+ * the OpenMP threads.
+ *
+ * megrez_linear: y[m, n] = sum_k x[m, k] * w[n, k]
+ * megrez_swiglu: h[m, n] = silu(x[m] . wg[n]) * (x[m] . wu[n])   (gate and up projections fused)
+ *
+ * Built by megrez/kernels/__init__.py with: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[r * M + m] = x[m] . w[(n0 + r)] for r < R; R rows of W at once (R * M accumulators). */
+#define DOT_BLOCK(M, R)                                                                        \
+    static inline void dot_##M##_##R(const float *x, const float *w, int64_t n0, int64_t K,     \
+                                     float *out) {                                             \
+        __m256 acc[R][M];                                                                      \
+        for (int r = 0; r < R; ++r)                                                            \
+            for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();                       \
+        int64_t k = 0;                                                                         \
+        for (; k + 8 <= K; k += 8) {                                                           \
+            __m256 xv[M];                                                                      \
+            for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);                \
+            for (int r = 0; r < R; ++r) {                                                      \
+                __m256 wv = _mm256_loadu_ps(w + (n0 + r) * K + k);                             \
+                for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]); \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; ++r)                                                            \
+            for (int m = 0; m < M; ++m) {                                                      \
+                float t = hsum(acc[r][m]);                                                     \
+                for (int64_t kk = k; kk < K; ++kk) t += x[m * K + kk] * w[(n0 + r) * K + kk];  \
+                out[r * M + m] = t;                                                            \
+            }                                                                                  \
+    }
+
+/* Rows per block: as many as fit in the 16 vector registers beside the x vectors. */
+DOT_BLOCK(1, 4) DOT_BLOCK(1, 1)
+DOT_BLOCK(2, 4) DOT_BLOCK(2, 1)
+DOT_BLOCK(3, 2) DOT_BLOCK(3, 1)
+DOT_BLOCK(4, 2) DOT_BLOCK(4, 1)
+DOT_BLOCK(5, 1) DOT_BLOCK(6, 1) DOT_BLOCK(7, 1) DOT_BLOCK(8, 1)
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* Rows of W handled per work item for M rows of x. */
+static inline int rows_per_block(int64_t M) { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
+static void dot(int64_t M, int R, const float *x, const float *w, int64_t n0, int64_t K, float *out) {
+    switch (M * 10 + R) {
+        case 14: dot_1_4(x, w, n0, K, out); return;
+        case 11: dot_1_1(x, w, n0, K, out); return;
+        case 24: dot_2_4(x, w, n0, K, out); return;
+        case 21: dot_2_1(x, w, n0, K, out); return;
+        case 32: dot_3_2(x, w, n0, K, out); return;
+        case 31: dot_3_1(x, w, n0, K, out); return;
+        case 42: dot_4_2(x, w, n0, K, out); return;
+        case 41: dot_4_1(x, w, n0, K, out); return;
+        case 51: dot_5_1(x, w, n0, K, out); return;
+        case 61: dot_6_1(x, w, n0, K, out); return;
+        case 71: dot_7_1(x, w, n0, K, out); return;
+        case 81: dot_8_1(x, w, n0, K, out); return;
+    }
+}
+
+/* G independent products sharing K, run as one parallel loop so that small matrices (one
+ * expert, a K/V projection) do not each pay a thread fork/join:
+ *   swiglu = 0: y[g][m, n] = x[g][m] . w1[g][n]
+ *   swiglu = 1: y[g][m, n] = silu(x[g][m] . w1[g][n]) * (x[g][m] . w2[g][n])  */
+int megrez_grouped(int swiglu, int64_t G, const float **x, const float **w1, const float **w2, float **y,
+                   const int64_t *M, const int64_t *N, int64_t K) {
+    int64_t start[65];
+    if (G < 1 || G > 64) return -1;
+    start[0] = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        if (M[g] < 1 || M[g] > 8) return -1;
+        int R = rows_per_block(M[g]);
+        start[g + 1] = start[g] + N[g] / R + N[g] % R;  /* full blocks, then single tail rows */
+    }
+    int64_t total = start[G];
+#pragma omp parallel for schedule(static)
+    for (int64_t item = 0; item < total; ++item) {
+        int64_t g = 0;
+        while (item >= start[g + 1]) ++g;
+        int64_t j = item - start[g], m_rows = M[g], n_out = N[g];
+        int R = rows_per_block(m_rows);
+        int64_t blocks = n_out / R, n0;
+        if (j < blocks) {
+            n0 = j * R;
+        } else {
+            n0 = blocks * R + (j - blocks);
+            R = 1;
+        }
+        float a[8 * 4], b[8 * 4];
+        dot(m_rows, R, x[g], w1[g], n0, K, a);
+        if (swiglu) dot(m_rows, R, x[g], w2[g], n0, K, b);
+        for (int r = 0; r < R; ++r)
+            for (int64_t m = 0; m < m_rows; ++m) {
+                float v = a[r * m_rows + m];
+                y[g][m * n_out + n0 + r] = swiglu ? silu(v) * b[r * m_rows + m] : v;
+            }
+    }
+    return 0;
+}
+
+int megrez_max_rows(void) { return 8; }
+
+/* Single products, without the pointer arrays (cheaper to call). */
+int megrez_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+    return megrez_grouped(0, 1, &x, &w, &w, &y, &M, &N, K);
+}
+
+int megrez_swiglu(const float *x, const float *wg, const float *wu, float *h, int64_t M, int64_t N, int64_t K) {
+    return megrez_grouped(1, 1, &x, &wg, &wu, &h, &M, &N, K);
+}

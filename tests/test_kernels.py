@@ -1,0 +1,76 @@
+"""The CPU decode kernels against torch (they must agree to float32 rounding), and the
+fallback to torch when they are switched off."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megrez import kernels
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
+    return lib
+
+
+def close(a, b):
+    scale = b.abs().max().item() + 1e-6
+    return (a - b).abs().max().item() <= 2e-6 * scale * (a.shape[-1] ** 0.5 + 1)
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("n,k", [(1, 8), (7, 13), (64, 64), (257, 1000), (1024, 96)])
+def test_linear_and_swiglu_match_torch(lib, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w, u = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
+    with torch.inference_mode():
+        assert close(kernels.linear(x, w), F.linear(x, w))
+        assert close(kernels.swiglu(x, w, u), F.silu(F.linear(x, w)) * F.linear(x, u))
+        b = torch.randn(n, generator=g)
+        assert close(kernels.linear(x[None], w, b)[0], F.linear(x, w, b))  # leading dims and bias
+
+
+def test_grouped_products_with_different_rows_per_expert(lib):
+    g = torch.Generator().manual_seed(0)
+    segs = [(torch.randn(rows, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g),
+             torch.randn(64, 32, generator=g)) for rows in (1, 3, 8, 2, 5)]
+    with torch.inference_mode():
+        got = kernels.experts_swiglu(segs)
+        qkv = kernels.linear_many(segs[0][0], [s[1] for s in segs] + [segs[0][3].t().contiguous()])
+    for (x, gate, up, down), y in zip(segs, got):
+        assert close(y, F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
+    assert all(close(y, F.linear(segs[0][0], w)) for y, w in zip(qkv, [s[1] for s in segs]))
+
+
+def test_results_do_not_depend_on_the_batch(lib):
+    """Each output row is summed in the same order whatever the other rows: batch-invariant."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(6, 300, generator=g), torch.randn(77, 300, generator=g)
+    with torch.inference_mode():
+        together = kernels.linear(x, w)
+        alone = torch.cat([kernels.linear(x[i:i + 1], w) for i in range(6)])
+    assert torch.equal(together, alone)
+
+
+def test_training_and_large_inputs_use_torch(lib):
+    w = torch.randn(16, 32, requires_grad=True)
+    x = torch.randn(2, 32)
+    y = kernels.linear(x, w)
+    assert y.requires_grad  # autograd still works: the kernel stood aside
+    assert kernels.linear(torch.randn(9, 32), w.detach()).shape == (9, 16)
+
+
+def test_switched_off_falls_back_to_torch(tmp_path):
+    code = ("import torch, megrez.kernels as k\n"
+            "x, w = torch.randn(1, 64), torch.randn(8, 64)\n"
+            "y = k.linear(x, w)\n"
+            "assert k.load() is None and 'MEGREZ_CPU_KERNELS=0' in k.reason\n"
+            "assert torch.equal(y, torch.nn.functional.linear(x, w))\n")
+    env = {**os.environ, "MEGREZ_CPU_KERNELS": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
