@@ -74,3 +74,20 @@ def test_switched_off_falls_back_to_torch(tmp_path):
             "assert torch.equal(y, torch.nn.functional.linear(x, w))\n")
     env = {**os.environ, "MEGREZ_CPU_KERNELS": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_expert_bank_is_batch_invariant(lib):
+    """A token's MoE output is bit-identical alone (the one-token path) or in a batch."""
+    from megrez.models.moe import ExpertBank
+
+    g = torch.Generator().manual_seed(0)
+    bank = ExpertBank(16, 64, 32)
+    for p in bank.parameters():
+        p.data.normal_(generator=g)
+    x = torch.randn(5, 64, generator=g)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(5)])
+    w = torch.rand(5, 4, generator=g)
+    with torch.inference_mode():
+        together = bank(x, w, idx)
+        alone = torch.cat([bank(x[i:i + 1], w[i:i + 1], idx[i:i + 1]) for i in range(5)])
+    assert torch.equal(together, alone)

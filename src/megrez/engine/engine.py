@@ -190,13 +190,12 @@ class Engine:
         for b, r in enumerate(reqs):
             tokens[b, : lengths[b]] = torch.tensor(r.prompt_ids)
         tokens = tokens.to(self.device)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        slots = [r.slot for r in reqs]
         last = torch.tensor(lengths, device=self.device) - 1
         logits = torch.empty(len(reqs), self.model.args.vocab_size, device=self.device)
         for start in range(0, longest, self.prefill_chunk):
             chunk = tokens[:, start:start + self.prefill_chunk]
-            starts = torch.full((len(reqs),), start, device=self.device)
-            view = self.cache.view(starts, chunk.shape[1], slots)
+            view = self.cache.view([start] * len(reqs), chunk.shape[1], slots)
             at = (last - start).clamp(0, chunk.shape[1] - 1)
             chunk_logits = self.model(chunk, view, logits_at=at).float()
             ends_here = (last >= start) & (last < start + chunk.shape[1])
@@ -206,9 +205,7 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
-        starts = torch.tensor([r.length for r in reqs], device=self.device)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        view = self.cache.view(starts, 1, slots)
+        view = self.cache.view([r.length for r in reqs], 1, [r.slot for r in reqs])
         return self.model(tokens, view, logits_at=torch.zeros(len(reqs), dtype=torch.long,
                                                               device=self.device)).float()
 

@@ -27,37 +27,53 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def view(self, starts: torch.Tensor, num_new: int, slots: torch.Tensor | None = None) -> "CacheView":
+    def view(self, starts, num_new: int, slots=None) -> "CacheView":
         """A context for a forward pass over ``num_new`` tokens per row, row b starting at
-        position ``starts[b]`` of slot ``slots[b]`` (rows 0..B-1 when ``slots`` is None)."""
+        position ``starts[b]`` of slot ``slots[b]`` (rows 0..B-1 when ``slots`` is None).
+        ``starts`` and ``slots`` are lists of ints or 1-D tensors."""
         return CacheView(self, starts, num_new, slots)
 
 
 class CacheView:
-    def __init__(self, cache: KVCache, starts: torch.Tensor, num_new: int, slots: torch.Tensor | None):
+    """Attention for one forward pass against the cache: write the new keys/values at each
+    row's positions, then attend over the row's whole history."""
+
+    def __init__(self, cache: KVCache, starts, num_new: int, slots=None):
         device = cache.k[0].device
-        self.cache, self.slots = cache, slots
-        self.starts = starts.to(device)
-        b = self.starts.shape[0]
-        self.positions = self.starts[:, None] + torch.arange(num_new, device=device)  # [B, T]
+        starts = [int(s) for s in (starts.tolist() if torch.is_tensor(starts) else starts)]
+        b = len(starts)
+        slots = list(range(b)) if slots is None else [int(s) for s in (slots.tolist() if torch.is_tensor(slots)
+                                                                       else slots)]
+        self.cache, self.starts, self.num_new = cache, starts, num_new
+        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)  # [B, T]
         # Keys beyond the longest row are never attended: slice them off instead of masking.
-        self.span = int(self.starts.max()) + num_new
+        self.span = max(starts) + num_new
         if self.span > cache.max_len:
             raise ValueError(f"sequence of {self.span} tokens exceeds the KV cache length {cache.max_len}")
-        key_pos = torch.arange(self.span, device=device)
-        self.mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, T, S]
-        self._rows = slice(0, b) if slots is None else self.slots.to(device)
+        # Consecutive slots are read as a view; others are gathered.
+        self._rows = slice(slots[0], slots[0] + b) if slots == list(range(slots[0], slots[0] + b)) else \
+            torch.tensor(slots, device=device)
+        self._slot_index = torch.tensor(slots, device=device)[:, None]
+        self.mask, self.is_causal = None, False
+        if num_new == 1 and len(set(starts)) == 1:
+            pass  # one new token per row, all rows equally long: every cached key is visible
+        elif set(starts) == {0}:
+            self.is_causal = True  # a fresh prefill: plain causal attention
+        else:
+            key_pos = torch.arange(self.span, device=device)
+            self.mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, T, S]
 
     def attend(self, layer_idx: int, q, k, v):
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        rows = self._rows
-        if isinstance(rows, slice):
-            idx = torch.arange(q.shape[0], device=q.device)[:, None]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
+        if len(self.starts) == 1:
+            slot, start = (self._rows.start if isinstance(self._rows, slice) else int(self._rows[0])), self.starts[0]
+            kc[slot, :, start:start + self.num_new] = k[0]
+            vc[slot, :, start:start + self.num_new] = v[0]
         else:
-            idx = rows[:, None]
-        # kc[idx, :, pos] addresses [B, T, nkv, hd] (advanced indices first).
-        kc[idx, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
-        vc[idx, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
-        keys = kc[rows, :, : self.span]
-        values = vc[rows, :, : self.span]
-        return sdpa(q, keys, values, mask=self.mask)
+            # kc[idx, :, pos] addresses [B, T, nkv, hd] (advanced indices first).
+            kc[self._slot_index, :, self.positions] = k.transpose(1, 2)
+            vc[self._slot_index, :, self.positions] = v.transpose(1, 2)
+        keys = kc[self._rows, :, : self.span]
+        values = vc[self._rows, :, : self.span]
+        return sdpa(q, keys, values, mask=self.mask, is_causal=self.is_causal)

@@ -84,6 +84,17 @@ class ExpertBank(nn.Module):
         """x [N, H], weights/indices [N, k] -> [N, H]. Tokens are sorted by expert so every
         selected expert runs once over all tokens that chose it; unselected experts are not read."""
         n, k = indices.shape
+        if n == 1 and self.weights_stay_valid:
+            # One token (decoding at batch 1): no token sorting. Experts are summed in ascending
+            # id order, as below, so a token's result does not depend on its batch.
+            order = indices[0].argsort()
+            served = list(self.expert_weights(indices[0, order].tolist()))
+            outs = kernels.experts_swiglu([(x, *w) for _, w in served])
+            contrib = torch.cat(outs).float() * weights[0, order, None]
+            out = torch.zeros(1, x.shape[-1], dtype=torch.float32, device=x.device)
+            for row in contrib:
+                out += row
+            return out.to(x.dtype)
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
