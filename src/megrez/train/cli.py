@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import MISSING, fields
 
 GROUPS = {
@@ -96,7 +97,9 @@ def cmd_train(a) -> int:
     short = {k: v for k, v in summary.items() if k != "losses"}
     if world > 1:
         short.update(rank=rank, world_size=world, losses=summary["losses"])
-    print(json.dumps(short), flush=True)
+    # One write per report: ranks share stdout, and a separate newline write could interleave.
+    sys.stdout.write(json.dumps(short) + "\n")
+    sys.stdout.flush()
     return 0
 
 
