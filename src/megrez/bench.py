@@ -261,12 +261,20 @@ def bench(a) -> dict:
           f"matmul {ceilings['matmul_flops'] / 1e12:.2f} TFLOP/s")
     print(f"weights read per decode step: {wb['dense'] / 1e6:.0f} MB non-expert "
           f"+ {wb['expert'] / 1e6:.2f} MB per distinct routed expert per layer + KV cache")
-    results = []
+    results, baseline = [], []
     for prompt in a.prompt:
         for batch in a.batch:
             run_case(model, batch, min(prompt, 16), 4, ceilings)  # warm-up: kernels, allocator
             r = run_case(model, batch, prompt, a.output, ceilings)
             results.append(r)
+            if a.torch_baseline and device.type == "cpu":
+                from . import kernels
+
+                kernels.enabled = False
+                try:
+                    baseline.append(run_case(model, batch, prompt, a.output, ceilings))
+                finally:
+                    kernels.enabled = True
     cols = ("batch", "prompt", "prefill tok/s", "prefill MFU", "decode tok/s", "step ms", "MB/step", "of BW",
             "peak GiB")
     print(" | ".join(cols))
@@ -274,7 +282,13 @@ def bench(a) -> dict:
         print(f"{r.batch:5d} | {r.prompt:6d} | {r.prefill_tokens_per_s:13.1f} | {r.prefill_mfu:11.1%} | "
               f"{r.decode_tokens_per_s:12.1f} | {r.decode_step_ms:7.2f} | {r.bytes_per_step / 1e6:7.1f} | "
               f"{r.bandwidth_fraction:6.1%} | {r.peak_memory_gib:8.2f}")
-    summary = {**header, "output": a.output, "results": [asdict(r) for r in results]}
+    for b in baseline:
+        mine = next(r for r in results if (r.batch, r.prompt) == (b.batch, b.prompt))
+        print(f"torch baseline (no decode kernels), batch {b.batch}, prompt {b.prompt}: decode "
+              f"{b.decode_tokens_per_s:.1f} tok/s ({b.bandwidth_fraction:.1%} of BW); the engine is "
+              f"{mine.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x faster")
+    summary = {**header, "output": a.output, "results": [asdict(r) for r in results],
+               "torch_baseline": [asdict(b) for b in baseline]}
     print(json.dumps(summary))
     return summary
 
@@ -303,4 +317,6 @@ def register(sub) -> None:
     p.add_argument("--prompt", type=int, nargs="+", default=[128])
     p.add_argument("--output", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--torch-baseline", action="store_true",
+                   help="CPU: also run each case on torch's own matmuls (decode kernels off) and report the ratio")
     p.set_defaults(func=lambda a: bench(a) and 0)

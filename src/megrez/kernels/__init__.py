@@ -29,6 +29,7 @@ MAX_ROWS = 8
 _lib = None
 _state = "untried"  # untried | loaded | unavailable
 reason = ""
+enabled = True  # switched off to measure torch's own path (benchmarks)
 
 
 def _cache_dir() -> Path:
@@ -89,7 +90,7 @@ def load():
 
 
 def _eligible(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
+    if not enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
