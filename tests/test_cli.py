@@ -74,3 +74,5 @@ def test_default_model_needs_no_download(tmp_path):
     r = megrez("generate", "hi", "--max-tokens", "4", "--json", env={"MEGREZ_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["token_ids"]) <= 4
+    r = megrez("info", env={"MEGREZ_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "MegrezMoeForCausalLM" in r.stdout and "pre-gated" in r.stdout

@@ -177,7 +177,9 @@ def cmd_info(a) -> int:
     from .models import build_model
     from .models.cache import KVCache
 
-    path = resolve_model_path(a.model)
+    from .llm import default_model
+
+    path = resolve_model_path(a.model) if a.model is not None else default_model()
     config = read_json(path / "config.json")
     with torch.device("meta"):
         model = build_model(config, source=str(path / "config.json"))
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading its weights")
-    p.add_argument("model", help="checkpoint directory or hub id")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory or hub id (default: the bundled model)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("create-tiny", help="write a small random checkpoint in the official format")
