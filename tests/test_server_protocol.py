@@ -125,3 +125,16 @@ def test_parse_size():
     assert parse_size("123") == 123
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
+
+
+def test_sse_events_survive_splitlines_readers():
+    """Generated text may hold U+2028, U+0085 and the like; str.splitlines-style readers
+    (httpx's aiter_lines) must still see one event per line, decoding to the same text."""
+    from megrez.server.protocol import sse
+
+    text = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei 你好"
+    event = sse({"choices": [{"delta": {"content": text}}]}).decode("utf-8")
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text
+    assert "你好" in event  # everything else stays readable UTF-8

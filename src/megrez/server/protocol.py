@@ -484,6 +484,13 @@ def public_finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
+# Characters that str.splitlines-style readers (httpx's aiter_lines among them) take for line
+# breaks; generated text can contain them, and raw inside an event they would cut it in two.
+_LINE_BREAKERS = {c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_ESCAPE_BREAKERS = str.maketrans(_LINE_BREAKERS)
+
+
 def sse(data: Any) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode("utf-8")
+    # Inside JSON these characters only occur in strings, where the \u escape means the same.
+    return f"data: {text.translate(_ESCAPE_BREAKERS)}\n\n".encode("utf-8")
