@@ -11,7 +11,7 @@ def run(*args):
 
 
 def test_bench_reports_rooflines():
-    out = run("bench", "--shape", "megrez2-tiny", "--device", "cpu", "--dtype", "float32", "--batch", "1", "2",
+    out = run("bench", "--shape", "megrez2-mini", "--device", "cpu", "--dtype", "float32", "--batch", "1", "2",
               "--prompt", "16", "--output", "6")
     assert out["read_bandwidth"] > 0 and out["matmul_flops"] > 0
     rows = out["results"]
@@ -23,7 +23,7 @@ def test_bench_reports_rooflines():
 
 
 def test_bench_offload_keeps_tokens_identical():
-    out = run("bench-offload", "--shape", "megrez2-tiny", "--device", "cpu", "--dtype", "float32",
+    out = run("bench-offload", "--shape", "megrez2-mini", "--device", "cpu", "--dtype", "float32",
               "--budgets", "2MiB", "--batch", "1", "--output", "8", "--kv-cache-memory", "524288")
     rows = [r for r in out["rows"] if r["mode"] != "all-on-device"]
     assert {r["mode"] for r in rows} == {"prefetch", "lru", "cache-only", "naive"}

@@ -24,7 +24,7 @@ from megrez.train.data import (NO_TURN, Batch, DataError, Loader, PretrainSource
                                read_conversations, read_documents, render_conversation)
 from megrez.train.loss import loss_count, per_token_sum, token_losses, turn_sum
 from megrez.train.optim import lr_at
-from megrez.train.presets import preset_config
+from megrez.presets import preset_config
 from megrez.train.trainer import TrainConfig, Trainer, enable_activation_checkpointing
 
 WORDS = ("the lord said unto moses and aaron light water earth heaven day night king people land "

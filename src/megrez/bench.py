@@ -22,35 +22,9 @@ import torch
 from .engine import Engine, SamplingParams
 from .loading import materialize, resolve_device, resolve_dtype
 from .models import build_model
+from .presets import PRESETS
 
-MEGREZ2 = {
-    "architectures": ["MegrezMoeForCausalLM"], "model_type": "megrez_moe",
-    "vocab_size": 128880, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 31, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
-    "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 4, "first_k_dense_replace": 1,
-    "moe_layer_freq": 1, "experts_shared_frequency": 3, "pre_gate": True, "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
-    "routed_scaling_factor": 1.0, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}
-SHAPES = {
-    # The published shape; the KV head count is not published (--kv-heads to change it).
-    "megrez2-3x7b-a3b": MEGREZ2,
-    "megrez-3b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 122880, "hidden_size": 2560,
-        "intermediate_size": 7168, "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 10,
-        "max_position_embeddings": 32768, "rope_theta": 5e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    },
-    # Megrez2's structure (dense first layer, groups of 3 sharing 64 experts, top-6, 4 shared,
-    # pre-gating) at ~350M stored parameters, for CPUs and laptops.
-    "megrez2-350m": {**MEGREZ2, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
-                     "moe_intermediate_size": 256, "num_hidden_layers": 13, "num_attention_heads": 8,
-                     "num_key_value_heads": 2, "max_position_embeddings": 4096},
-    "megrez2-tiny": {**MEGREZ2, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 192,
-                     "moe_intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4,
-                     "n_shared_experts": 2, "n_group": 4, "topk_group": 2, "max_position_embeddings": 2048},
-}
+SHAPES = PRESETS
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
@@ -308,7 +282,7 @@ def device_name(device: torch.device) -> str:
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure prefill/decode speed against measured hardware ceilings")
     p.add_argument("--shape", default="megrez2-350m", choices=sorted(SHAPES),
-                   help="named model shape with random weights (default: megrez2-350m)")
+                   help="named model shape with random weights (megrez.presets; default: megrez2-350m)")
     p.add_argument("--model", default=None, help="benchmark a checkpoint instead of a random shape")
     p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
     p.add_argument("--device", default="auto")

@@ -107,7 +107,7 @@ def cmd_presets(a) -> int:
     import torch
 
     from ..models import build_model
-    from .presets import PRESETS
+    from ..presets import PRESETS
 
     for name, cfg in PRESETS.items():
         with torch.device("meta"):

@@ -34,7 +34,7 @@ from .data import (PAD_DOC, Batch, DataError, Loader, PretrainSource, SFTSource,
                    render_conversation, split_validation, tokenize_documents)
 from .loss import LOSS_MODES, loss_count, loss_sum, per_token_sum, token_losses, turn_sum
 from .optim import build_optimizer, lr_at, set_lr
-from .presets import preset_config
+from ..presets import preset_config
 
 
 @dataclass
