@@ -16,13 +16,13 @@ import time
 import torch
 
 from megrez.models import build_model
+from megrez.presets import preset_config
 from megrez.train.attention import packed_context
 from megrez.train.balance import ExpertLoad
 from megrez.train.data import PAD_DOC, Batch, pack_stream
 from megrez.train.flops import flops_per_token, peak_flops
 from megrez.train.loss import loss_sum
 from megrez.train.optim import build_optimizer
-from megrez.presets import preset_config
 from megrez.train.trainer import autocast_for, enable_activation_checkpointing
 
 

@@ -1,7 +1,6 @@
 """Expert offloading (host-resident experts, a device expert cache fed by the pre-gate).
 On CPU the "device" is host memory too, which checks everything but the overlap of copies."""
 import pytest
-import torch
 
 from megrez import LLM, SamplingParams
 from megrez.engine.offload import GroupPolicy, LRUPolicy, parse_bytes

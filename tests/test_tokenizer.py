@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from megrez.tokenizer import MEGREZ_CHAT_TEMPLATE, Tokenizer, TokenizerError
+from megrez.tokenizer import Tokenizer, TokenizerError
 
 MIXED = "Megrez2 是一个混合专家模型 (MoE)，它在手机上运行得很快。Hello 世界! 🚀 数学：3.14 ≈ π"
 

@@ -15,16 +15,26 @@ import torch
 from megrez.models import build_model
 from megrez.models.base import PackedContext
 from megrez.models.moe import Router, RoutingConfig, route
+from megrez.presets import preset_config
 from megrez.tiny import TOKENIZER_CORPUS, tokenizer_files, train_tokenizer
 from megrez.tokenizer import Tokenizer
 from megrez.train import checkpoint as ckpt
 from megrez.train.attention import FlexPackedContext, document_positions
 from megrez.train.balance import ExpertLoad, imbalance, sequence_aux_loss
-from megrez.train.data import (NO_TURN, Batch, DataError, Loader, PretrainSource, pack_examples, pack_stream,
-                               read_conversations, read_documents, render_conversation)
+from megrez.train.data import (
+    NO_TURN,
+    Batch,
+    DataError,
+    Loader,
+    PretrainSource,
+    pack_examples,
+    pack_stream,
+    read_conversations,
+    read_documents,
+    render_conversation,
+)
 from megrez.train.loss import loss_count, per_token_sum, token_losses, turn_sum
 from megrez.train.optim import lr_at
-from megrez.presets import preset_config
 from megrez.train.trainer import TrainConfig, Trainer, enable_activation_checkpointing
 
 WORDS = ("the lord said unto moses and aaron light water earth heaven day night king people land "
@@ -376,8 +386,8 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, tok_dir):
 
 
 def test_trained_checkpoints_load_in_the_engine_and_generate(tmp_path, tok_dir):
-    from megrez.llm import LLM
     from megrez.engine import SamplingParams
+    from megrez.llm import LLM
 
     cfg = pretrain_cfg(tmp_path, tok_dir, steps=4, save_every=4, eval_every=4, plots=True)
     summary = Trainer(cfg).run()

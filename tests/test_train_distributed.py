@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from megrez.train.trainer import TrainConfig, Trainer
-
 from test_train import pretrain_cfg, tok_dir  # noqa: F401  (fixture)
+
+from megrez.train.trainer import Trainer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -87,7 +87,6 @@ def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> d
     if device.type == "cpu" and kernels.load() is not None:
         with torch.inference_mode():
             out["kernel"] = nbytes / best_time(lambda: kernels.linear(v, w), device)
-    del x, w
     return {**out, "best": max(out.values())}
 
 

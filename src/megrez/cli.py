@@ -173,11 +173,10 @@ def cmd_chat(a) -> int:
 def cmd_info(a) -> int:
     import torch
 
+    from .llm import default_model
     from .loading import checkpoint_shards, read_json, resolve_model_path
     from .models import build_model
     from .models.cache import KVCache
-
-    from .llm import default_model
 
     path = resolve_model_path(a.model) if a.model is not None else default_model()
     config = read_json(path / "config.json")

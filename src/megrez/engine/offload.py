@@ -27,7 +27,6 @@ import torch
 
 from ..models.moe import ExpertBank
 
-
 # ------------------------------------------------------------------------------ eviction policies
 
 class LRUPolicy:

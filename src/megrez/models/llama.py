@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .base import MLP, BaseArgs, DecoderLayer, TransformerLM, _REQUIRED, require, validate_common
+from .base import _REQUIRED, MLP, BaseArgs, DecoderLayer, TransformerLM, require, validate_common
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, _REQUIRED, require, validate_common
+from .base import _REQUIRED, MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, require, validate_common
 from .moe import MoeBlock, RoutingConfig, route
 
 ROUTER_BIAS_CHOICES = ("own", "owner", "none")

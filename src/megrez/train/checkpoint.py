@@ -43,8 +43,7 @@ def full_state(model, optimizer) -> tuple[dict | None, dict]:
     Under FSDP every rank must call this: the full tensors are gathered (to CPU)."""
     if not distributed.is_sharded(model):
         return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)

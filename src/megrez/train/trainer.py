@@ -25,16 +25,27 @@ import torch
 
 from ..loading import load_model, read_json, save_model
 from ..models import build_model
+from ..presets import preset_config
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import distributed
 from .attention import packed_context
 from .balance import ExpertLoad, imbalance
-from .data import (PAD_DOC, Batch, DataError, Loader, PretrainSource, SFTSource, read_conversations, read_documents,
-                   render_conversation, split_validation, tokenize_documents)
+from .data import (
+    PAD_DOC,
+    Batch,
+    DataError,
+    Loader,
+    PretrainSource,
+    SFTSource,
+    read_conversations,
+    read_documents,
+    render_conversation,
+    split_validation,
+    tokenize_documents,
+)
 from .loss import LOSS_MODES, loss_count, loss_sum, per_token_sum, token_losses, turn_sum
 from .optim import build_optimizer, lr_at, set_lr
-from ..presets import preset_config
 
 
 @dataclass
