@@ -36,6 +36,25 @@ def test_linear_and_swiglu_match_torch(lib, m, n, k):
         assert close(kernels.linear(x[None], w, b)[0], F.linear(x, w, b))  # leading dims and bias
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(7, 13), (257, 1000)])
+def test_bfloat16_weights_match_float32_math(lib, m, n, k):
+    """bfloat16 weights are widened exactly; products accumulate in float32 and round once."""
+    g = torch.Generator().manual_seed(n + k + m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w, u = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    with torch.inference_mode():
+        y = kernels.linear(x, w)
+        h = kernels.swiglu(x, w, u)
+    assert y.dtype == h.dtype == torch.bfloat16
+    exact = F.linear(x.float(), w.float())
+    exact_h = F.silu(exact) * F.linear(x.float(), u.float())
+    # Rounded once to bfloat16 (8 significant bits): within one unit of the last place.
+    assert ((y.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    assert ((h.float() - exact_h).abs() <= exact_h.abs() * 2 ** -8 + 1e-6).all()
+    assert (y.float() - F.linear(x, w).float()).abs().max() <= 0.02 * exact.abs().max()  # torch's bf16 path
+
+
 def test_grouped_products_with_different_rows_per_expert(lib):
     g = torch.Generator().manual_seed(0)
     segs = [(torch.randn(rows, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g),

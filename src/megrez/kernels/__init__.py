@@ -1,12 +1,13 @@
-"""CPU kernels for decoding: float32 ``x @ W^T`` (and the fused SwiGLU gate/up product) when
-``x`` has at most 8 rows. Decoding is memory-bound, and BLAS libraries handle these shapes
+"""CPU kernels for decoding: ``x @ W^T`` (and the fused SwiGLU gate/up product) with float32
+or bfloat16 weights when ``x`` has at most 8 rows. Decoding is memory-bound, and BLAS libraries handle these shapes
 poorly on many CPUs (MKL reaches about half the memory bandwidth on AMD machines); the small C
 file beside this module streams each weight row once for all rows of ``x``.
 
 The C file is compiled once per machine with the system C compiler (about a second) into
 ``~/.cache/megrez/kernels`` and loaded with ctypes. Without a compiler or AVX2/FMA, or with
 ``MEGREZ_CPU_KERNELS=0``, :func:`linear` and :func:`swiglu` use torch; the results differ only
-in floating-point summation order. Only inference uses the kernels (they have no autograd).
+in floating-point summation order. Products accumulate in float32 and are rounded to the
+input's dtype at the end, as torch's do. Only inference uses the kernels (no autograd).
 """
 from __future__ import annotations
 
@@ -81,24 +82,36 @@ def load():
         print(f"megrez: CPU decode kernels unavailable ({reason}); using torch's matmul", file=sys.stderr)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.megrez_grouped.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
-    lib.megrez_linear.argtypes = [ptr, ptr, ptr, i64, i64, i64]
-    lib.megrez_swiglu.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
+    c_int = ctypes.c_int
+    lib.megrez_grouped.argtypes = [c_int, c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.megrez_linear.argtypes = [c_int, ptr, ptr, ptr, i64, i64, i64]
+    lib.megrez_swiglu.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
     _lib, _state = lib, "loaded"
     return lib
 
 
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
 def _eligible(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if not enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
+    if not enabled or x.device.type != "cpu" or x.dtype not in WEIGHT_TYPES or x.numel() > MAX_ROWS * x.shape[-1]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    return all(w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu" for w in weights)
+    dtype = weights[0].dtype
+    return dtype in WEIGHT_TYPES and all(w.dtype == dtype and w.is_contiguous() and w.device.type == "cpu"
+                                         for w in weights)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32 rows (activations are few: converting them costs nothing)."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
 def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
-    """One kernel call over items (x [M, K] contiguous, w1 [N, K], w2 [N, K] or None)."""
+    """One kernel call over items (x [M, K] float32 contiguous, w1 [N, K], w2 [N, K] or None);
+    float32 results."""
     if len(items) > 64:  # the kernel's bound on products per call
         return _run(lib, swiglu, items[:64]) + _run(lib, swiglu, items[64:])
     g = len(items)
@@ -106,7 +119,8 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
     outs = [torch.empty(x.shape[0], w1.shape[0], dtype=torch.float32) for x, w1, _ in items]
     ptrs = ctypes.c_void_p * g
     lengths = ctypes.c_int64 * g
-    rc = lib.megrez_grouped(int(swiglu), g, ptrs(*(x.data_ptr() for x, _, _ in items)),
+    rc = lib.megrez_grouped(int(swiglu), WEIGHT_TYPES[items[0][1].dtype], g,
+                            ptrs(*(x.data_ptr() for x, _, _ in items)),
                             ptrs(*(w1.data_ptr() for _, w1, _ in items)),
                             ptrs(*((w2 if w2 is not None else w1).data_ptr() for _, w1, w2 in items)),
                             ptrs(*(o.data_ptr() for o in outs)), lengths(*(x.shape[0] for x, _, _ in items)),
@@ -121,10 +135,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not _eligible(x, weight) or (lib := load()) is None:
         return F.linear(x, weight, bias)
     n, k = weight.shape
-    xc = x.reshape(-1, k).contiguous()
+    xc = _rows(x)
     y = torch.empty(xc.shape[0], n)
-    lib.megrez_linear(xc.data_ptr(), weight.data_ptr(), y.data_ptr(), xc.shape[0], n, k)
-    y = y.view(*x.shape[:-1], n)
+    lib.megrez_linear(WEIGHT_TYPES[weight.dtype], xc.data_ptr(), weight.data_ptr(), y.data_ptr(), xc.shape[0], n, k)
+    y = y.view(*x.shape[:-1], n).to(x.dtype)
     return y + bias if bias is not None else y
 
 
@@ -133,10 +147,9 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | Non
     biases = biases or [None] * len(weights)
     if not _eligible(x, *weights) or (lib := load()) is None:
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
-    xc = x.reshape(-1, x.shape[-1]).contiguous()
-    outs = _run(lib, False, [(xc, w, None) for w in weights])
-    return [o.view(*x.shape[:-1], o.shape[-1]) + b if b is not None else o.view(*x.shape[:-1], o.shape[-1])
-            for o, b in zip(outs, biases)]
+    xc = _rows(x)
+    outs = [o.view(*x.shape[:-1], o.shape[-1]).to(x.dtype) for o in _run(lib, False, [(xc, w, None) for w in weights])]
+    return [o + b if b is not None else o for o, b in zip(outs, biases)]
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -144,17 +157,20 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     if not _eligible(x, gate, up) or (lib := load()) is None:
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     n, k = gate.shape
-    xc = x.reshape(-1, k).contiguous()
+    xc = _rows(x)
     h = torch.empty(xc.shape[0], n)
-    lib.megrez_swiglu(xc.data_ptr(), gate.data_ptr(), up.data_ptr(), h.data_ptr(), xc.shape[0], n, k)
-    return h.view(*x.shape[:-1], n)
+    lib.megrez_swiglu(WEIGHT_TYPES[gate.dtype], xc.data_ptr(), gate.data_ptr(), up.data_ptr(), h.data_ptr(),
+                      xc.shape[0], n, k)
+    return h.view(*x.shape[:-1], n).to(x.dtype)
 
 
 def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
     """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each,
     all experts in two kernel calls when every segment has at most 8 rows."""
     if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := load()) is not None:
-        xs = [x.contiguous() for x, _, _, _ in segments]
-        hs = _run(lib, True, [(x, g, u) for x, (_, g, u, _) in zip(xs, segments)])
-        return _run(lib, False, [(h, d, None) for h, (_, _, _, d) in zip(hs, segments)])
+        dtype = segments[0][0].dtype
+        hs = _run(lib, True, [(_rows(x), g, u) for x, g, u, _ in segments])
+        # The intermediate is rounded to the compute dtype between the two products, as in torch.
+        hs = [h.to(dtype).to(torch.float32) for h in hs]
+        return [y.to(dtype) for y in _run(lib, False, [(h, d, None) for h, (_, _, _, d) in zip(hs, segments)])]
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
