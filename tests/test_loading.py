@@ -191,3 +191,16 @@ def test_peak_host_memory_stays_near_model_size(tmp_path):
     grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert size > 100e6
     assert grew < 1.3 * size, f"peak RSS grew {grew / size:.2f}x the checkpoint size"
+
+
+def test_auto_dtype_on_cpu_falls_back_to_16_bit_only_when_float32_cannot_fit(tiny_moe, tmp_path, monkeypatch, capsys):
+    import megrez.loading as loading
+
+    d = tmp_path / "bf16"
+    save_model(load_model(tiny_moe), d, dtype=torch.bfloat16, copy_from=tiny_moe)
+    assert load_model(d).lm_head.weight.dtype == torch.float32  # plenty of memory: exact float32
+    monkeypatch.setattr(loading, "available_host_memory", lambda: 1 << 20)
+    model = load_model(d)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert "would not fit in the available memory" in capsys.readouterr().err
+    assert load_model(d, dtype="float32").lm_head.weight.dtype == torch.float32  # asked for: obeyed

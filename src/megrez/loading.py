@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,14 +161,40 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
     path = resolve_model_path(path)
     config = read_json(path / "config.json")
     device = resolve_device(device)
+    auto = dtype in (None, "auto")
     dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = build_model(config, source=str(path / "config.json"), **overrides)
+    if auto and device.type == "cpu" and dtype == torch.float32:
+        dtype = _fit_host_memory(model, config)
     materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
     load_weights(model, checkpoint_shards(path), progress=progress)
     model.hf_config = config
     model.eval().requires_grad_(False)
     return model
+
+
+def available_host_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _fit_host_memory(model, config: dict) -> torch.dtype:
+    """float32 on a CPU unless it cannot fit: then the checkpoint's own 16-bit dtype, said aloud."""
+    stored = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "", torch.float32)
+    need = sum(p.numel() for p in model.parameters()) * 4
+    free = available_host_memory()
+    if stored == torch.float32 or free is None or need <= 0.8 * free:
+        return torch.float32
+    name = {v: k for k, v in DTYPES.items()}[stored]
+    print(f"megrez: float32 weights ({need / 2**30:.1f} GiB) would not fit in the available memory "
+          f"({free / 2**30:.1f} GiB); using the checkpoint's {name} (--dtype float32 to insist)", file=sys.stderr)
+    return stored
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | None = None) -> None:
