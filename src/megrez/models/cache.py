@@ -76,4 +76,8 @@ class CacheView:
             vc[self._slot_index, :, self.positions] = v.transpose(1, 2)
         keys = kc[self._rows, :, : self.span]
         values = vc[self._rows, :, : self.span]
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # CPU attention kernels are several times slower in 16-bit; the cast costs little.
+            out = sdpa(q.float(), keys.float(), values.float(), mask=self.mask, is_causal=self.is_causal)
+            return out.to(q.dtype)
         return sdpa(q, keys, values, mask=self.mask, is_causal=self.is_causal)
