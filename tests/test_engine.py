@@ -140,3 +140,9 @@ def test_defaults_come_from_generation_config(llm):
     filled = SamplingParams().with_defaults(llm.tokenizer.generation_config)
     assert (filled.temperature, filled.top_p, filled.max_tokens) == (0.7, 0.9, 256)
     assert SamplingParams().with_defaults({"do_sample": False}).temperature == 0.0
+    # No max_new_tokens anywhere: until a stop, or the context is full.
+    assert SamplingParams().with_defaults({}).max_tokens is None
+    engine = Engine(llm.model, None, max_num_seqs=1, max_model_len=24)
+    req = engine.add_request(PROMPTS[0], SamplingParams(temperature=0))
+    engine.run_to_completion([req])
+    assert req.finish_reason == "length" and len(PROMPTS[0]) + len(req.output_ids) == 24

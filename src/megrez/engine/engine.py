@@ -240,7 +240,8 @@ class Engine:
                 req.text = req.text[: min(hits)]
                 req.finish_reason = "stop"
         if req.finish_reason is None:
-            if len(req.output_ids) >= p.max_tokens or req.length + 1 >= self.max_model_len:
+            if (p.max_tokens is not None and len(req.output_ids) >= p.max_tokens) \
+                    or req.length + 1 >= self.max_model_len:
                 req.finish_reason = "length"
                 req.text += req.detokenizer.flush()
         # With stop strings, hold back a tail that could still grow into one.

@@ -17,7 +17,8 @@ MAX_LOGPROBS = 20
 @dataclass
 class SamplingParams:
     """How to generate. ``None`` means "the checkpoint's generation_config.json, else the
-    built-in default"; ``temperature=0`` means greedy."""
+    built-in default"; ``temperature=0`` means greedy; without ``max_tokens`` (here or in
+    generation_config.json) generation runs until a stop token or string, or a full context."""
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -86,8 +87,8 @@ class SamplingParams:
             filled.top_k = int(g.get("top_k", 0) or 0)
         if filled.repetition_penalty is None:
             filled.repetition_penalty = float(g.get("repetition_penalty", 1.0))
-        if filled.max_tokens is None:
-            filled.max_tokens = int(g.get("max_new_tokens", 0) or 256)
+        if filled.max_tokens is None and g.get("max_new_tokens"):
+            filled.max_tokens = int(g["max_new_tokens"])  # else: until a stop or the context is full
         if filled.seed is None:
             filled.seed = int.from_bytes(os.urandom(8), "little") >> 1
         return filled.validate()
