@@ -61,6 +61,9 @@ def load():
     if compiler is None:
         reason = "no C compiler (cc) found"
         return None
+    if not SOURCE.is_file():
+        reason = f"{SOURCE} is missing from the installation"
+        return None
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"small_m-{tag}.so"
     try:
