@@ -28,7 +28,8 @@ PRESETS: dict[str, dict] = {
                      "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
                      "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
                      "max_position_embeddings": 1024, "rope_theta": 10000.0},
-    # Two sharing groups, grouped routing and several shared experts at test size (benchmark tests).
+    # Two sharing groups, grouped routing and several shared experts at test size:
+    # `megrez create-tiny --arch moe` and the benchmark tests.
     "megrez2-mini": {**_MEGREZ2, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 192,
                      "moe_intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 4,
@@ -64,9 +65,10 @@ PRESETS: dict[str, dict] = {
     "megrez-3b": {**_LLAMA, "vocab_size": 122880, "hidden_size": 2560, "intermediate_size": 7168,
                   "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 10,
                   "max_position_embeddings": 32768, "rope_theta": 5_000_000.0, "rms_norm_eps": 1e-5},
+    # Tests, and `megrez create-tiny --arch dense`.
     "llama-test": {**_LLAMA, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-                   "rope_theta": 10000.0},
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                   "rope_theta": 10000.0, "rms_norm_eps": 1e-5},
 }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .loading import save_model
 from .models import build_model
+from .presets import PRESETS
 from .tokenizer import MEGREZ_CHAT_TEMPLATE, MEGREZ_SPECIAL_TOKENS
 
 # A fixed bilingual text, so the tokenizer (and thus every tiny checkpoint) is the same on
@@ -34,26 +35,8 @@ Question: what is the capital of France? Answer: Paris. Please reason step by st
 混合专家模型把计算分给不同的专家，每个词元只使用其中几个专家。
 """
 
-TINY_CONFIGS = {
-    "moe": {
-        "architectures": ["MegrezMoeForCausalLM"], "model_type": "megrez_moe",
-        "hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 32,
-        "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "n_routed_experts": 16, "num_experts_per_tok": 4, "n_shared_experts": 2,
-        "first_k_dense_replace": 1, "moe_layer_freq": 1, "experts_shared_frequency": 3, "pre_gate": True,
-        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
-        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "ep_size": 1,
-        "max_position_embeddings": 2048, "rope_theta": 1000000.0, "rope_scaling": None,
-        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
-    },
-    "dense": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
-        "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-    },
-}
+# The shapes of `megrez create-tiny --arch moe|dense` (see megrez.presets).
+TINY_PRESETS = {"moe": "megrez2-mini", "dense": "llama-test"}
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
@@ -92,11 +75,11 @@ def tokenizer_files(tok, model_max_length: int) -> dict[str, str]:
 def create_tiny(out: str | Path, arch: str = "moe", seed: int = 0, vocab_size: int = 1024,
                 overrides: dict | None = None, tokenizer_corpus: list[str] | None = None) -> Path:
     """Write a random checkpoint of the tiny ``arch`` shape (``overrides`` change config keys)."""
-    if arch not in TINY_CONFIGS:
-        raise ValueError(f"arch must be one of {', '.join(TINY_CONFIGS)}, got {arch!r}")
+    if arch not in TINY_PRESETS:
+        raise ValueError(f"arch must be one of {', '.join(TINY_PRESETS)}, got {arch!r}")
     tok = train_tokenizer(tokenizer_corpus or TOKENIZER_CORPUS.splitlines(), vocab_size)
     eos, turn_end = tok.token_to_id("<|eos|>"), tok.token_to_id("<|turn_end|>")
-    config = {**TINY_CONFIGS[arch], "vocab_size": tok.get_vocab_size(), "bos_token_id": None,
+    config = {**PRESETS[TINY_PRESETS[arch]], "vocab_size": tok.get_vocab_size(), "bos_token_id": None,
               "eos_token_id": turn_end, "pad_token_id": eos, "torch_dtype": "float32", **(overrides or {})}
     model = build_model(config)
     gen = torch.Generator().manual_seed(seed)
