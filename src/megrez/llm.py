@@ -56,16 +56,17 @@ class LLM:
                  router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
                  offload_policy: str = "group", prefetch: bool = True, **engine_options):
+        budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
         self.tokenizer = Tokenizer(self.path)
         self.offload = None
-        if gpu_memory_budget is None:
+        if budget is None:
             self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
         else:
             self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu", **overrides)
-            self.offload, kv_cache_memory = plan_offload(self.model, parse_bytes(gpu_memory_budget),
-                                                         kv_cache_memory, offload_policy, prefetch)
+            self.offload, kv_cache_memory = plan_offload(self.model, budget, kv_cache_memory, offload_policy,
+                                                         prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              kv_cache_memory=kv_cache_memory, **engine_options)
         self.engine.offload = self.offload
