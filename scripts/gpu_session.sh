@@ -11,6 +11,6 @@ export PYTHONPATH="${PYTHONPATH:-src}"
 python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
 run() { name=$1; shift; python -m megrez.cli "$@" 2>&1 | tee "$OUT/$name.txt" | grep -v '^{'; tail -1 "$OUT/$name.txt" > "$OUT/$name.json"; }
 run megrez2 bench --shape megrez2-3x7b-a3b --device cuda --dtype bfloat16 --batch 1 8 32 64 --prompt 128 1024 --output 128
-run megrez3b bench --shape megrez-3b --device cuda --dtype bfloat16 --batch 1 8 32 64 --prompt 128 1024 --output 128
+run megrez3b bench --shape megrez-3b --device cuda --dtype bfloat16 --batch 1 8 32 64 --prompt 128 1024 --output 128 --hf-baseline
 run offload bench-offload --shape megrez2-3x7b-a3b --device cuda --dtype bfloat16 --budgets 5GiB 6GiB 8GiB 10GiB 12GiB \
     --batch 1 8 --output 64

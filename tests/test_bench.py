@@ -31,3 +31,10 @@ def test_bench_offload_keeps_tokens_identical():
     assert all(r["identical_to_all_on_device"] for r in rows)
     assert all(r["hit_rate"] == 0 for r in rows if r["mode"] == "naive")
     assert 0.3 < out["trace"]["next_token_reuse"] < 0.9
+
+
+def test_bench_transformers_baseline_on_the_same_weights():
+    out = run("bench", "--shape", "llama-test", "--device", "cpu", "--dtype", "float32", "--prompt", "16",
+              "--output", "6", "--hf-baseline")
+    (hf,) = out["transformers_baseline"]
+    assert hf["decode_tokens_per_s"] > 0 and hf["engine_speedup"] > 0

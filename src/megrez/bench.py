@@ -260,10 +260,53 @@ def bench(a) -> dict:
         print(f"torch baseline (no decode kernels), batch {b.batch}, prompt {b.prompt}: decode "
               f"{b.decode_tokens_per_s:.1f} tok/s ({b.bandwidth_fraction:.1%} of BW); the engine is "
               f"{mine.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x faster")
+    hf = []
+    if a.hf_baseline:
+        for prompt in a.prompt:
+            for batch in a.batch:
+                h = hf_generate_baseline(model, batch, prompt, a.output)
+                mine = next(r for r in results if (r.batch, r.prompt) == (batch, prompt))
+                h["engine_speedup"] = mine.decode_tokens_per_s / h["decode_tokens_per_s"]
+                hf.append(h)
+                print(f"transformers generate, batch {batch}, prompt {prompt}: decode {h['decode_tokens_per_s']:.1f} "
+                      f"tok/s; the engine is {h['engine_speedup']:.2f}x faster")
     summary = {**header, "output": a.output, "results": [asdict(r) for r in results],
-               "torch_baseline": [asdict(b) for b in baseline]}
+               "torch_baseline": [asdict(b) for b in baseline], "transformers_baseline": hf}
     print(json.dumps(summary))
     return summary
+
+
+def hf_generate_baseline(model, batch: int, prompt: int, output: int) -> dict:
+    """Hugging Face transformers' LlamaForCausalLM.generate on the same weights (shared, not
+    copied): decode tokens/s from a full generate minus a one-token generate."""
+    import transformers
+
+    if type(model).__module__.rsplit(".", 1)[-1] != "llama":
+        raise ValueError("--hf-baseline needs a Llama shape (transformers has no Megrez2 model)")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    config = transformers.LlamaConfig(**{k: v for k, v in model.hf_config.items() if k != "architectures"})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # its rotary buffers must be real; the weights are replaced below
+            hf = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    hf.eval()
+    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device)
+
+    def run(n):
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+
+    run(2)  # warm-up
+    one = best_time(lambda: run(1), device, reps=2)
+    full = best_time(lambda: run(output), device, reps=2)
+    return {"batch": batch, "prompt": prompt, "output": output,
+            "decode_tokens_per_s": batch * (output - 1) / max(full - one, 1e-9)}
 
 
 def device_name(device: torch.device) -> str:
@@ -290,6 +333,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", type=int, nargs="+", default=[128])
     p.add_argument("--output", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="Llama shapes: also time transformers' generate on the same weights and report the ratio")
     p.add_argument("--torch-baseline", action="store_true",
                    help="CPU: also run each case on torch's own matmuls (decode kernels off) and report the ratio")
     p.set_defaults(func=lambda a: bench(a) and 0)
