@@ -76,3 +76,12 @@ def test_default_model_needs_no_download(tmp_path):
     assert len(json.loads(r.stdout)["token_ids"]) <= 4
     r = megrez("info", env={"MEGREZ_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0 and "MegrezMoeForCausalLM" in r.stdout and "pre-gated" in r.stdout
+
+
+def test_verify_against_transformers(tiny_dense, tiny_moe):
+    r = megrez("verify", "--model", tiny_dense, "--tokens", "8")
+    assert r.returncode == 0, r.stderr
+    (result,) = json.loads(r.stdout.strip().splitlines()[-1])["results"]
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["greedy_tokens_identical"] == 8
+    r = megrez("verify", "--model", tiny_moe)
+    assert r.returncode == 2 and "--trust-remote-code" in r.stderr
