@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..quant.formats import QuantTensor
+
 SOURCE = Path(__file__).with_name("small_m.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8
@@ -135,6 +137,9 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the decode kernel where it applies."""
+    if isinstance(weight, QuantTensor):
+        from . import quantized
+        return quantized.linear(x, weight, bias)
     if not _eligible(x, weight) or (lib := load()) is None:
         return F.linear(x, weight, bias)
     n, k = weight.shape
@@ -147,6 +152,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | None = None) -> list[torch.Tensor]:
     """``[F.linear(x, w, b) for w, b in ...]`` in one kernel call (e.g. Q, K and V)."""
+    if isinstance(weights[0], QuantTensor):
+        from . import quantized
+        return quantized.linear_many(x, weights, biases)
     biases = biases or [None] * len(weights)
     if not _eligible(x, *weights) or (lib := load()) is None:
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
@@ -157,6 +165,9 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | Non
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(x @ gate^T) * (x @ up^T)``, fused in the decode kernel where it applies."""
+    if isinstance(gate, QuantTensor):
+        from . import quantized
+        return quantized.swiglu(x, gate, up)
     if not _eligible(x, gate, up) or (lib := load()) is None:
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     n, k = gate.shape
@@ -170,6 +181,9 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
 def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]):
     """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each,
     all experts in two kernel calls when every segment has at most 8 rows."""
+    if segments and isinstance(segments[0][1], QuantTensor):
+        from . import quantized
+        return quantized.experts_swiglu(segments)
     if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := load()) is not None:
         dtype = segments[0][0].dtype
         hs = _run(lib, True, [(_rows(x), g, u) for x, g, u, _ in segments])
