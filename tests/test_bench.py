@@ -1,11 +1,12 @@
 """The benchmark commands run end to end on a tiny shape and report consistent numbers."""
 import json
-import subprocess
 import sys
+
+import timing
 
 
 def run(*args):
-    r = subprocess.run([sys.executable, "-m", "megrez.cli", *args], capture_output=True, text=True, timeout=300)
+    r = timing.run([sys.executable, "-m", "megrez.cli", *args], timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import timing
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -81,8 +82,8 @@ class LiveServer:
 
 
 def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = timing.Deadline(timeout)
+    while not deadline.expired():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
         try:
@@ -95,10 +96,7 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.01)
+    timing.wait_until(condition, timeout, interval=0.01, message="timed out waiting for the server")
 
 
 @pytest.fixture(scope="module")
@@ -629,7 +627,7 @@ def serve_process(model_dir, *flags, env=None):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(20)
+            proc.wait(timing.Deadline(20).remaining())
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -672,9 +670,8 @@ def test_serve_rejects_bad_flags(tiny_dir, capsys):
 
 
 def test_load_benchmark_runs_against_the_server(live):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
-                           "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
+                       "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"], timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["errors"] == 0 and summary["requests"] >= 4

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timing
 import torch
 
 from megrez.models import build_model
@@ -461,7 +462,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
     STEPS = 300
     cmd, straight = command("straight")
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    timing.run(cmd, timeout=300, env=env, check=True)
     duration = time.perf_counter() - t0
     cmd, killed = command("killed")
     rng = random.Random(0)
@@ -473,7 +474,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    timing.run(cmd, timeout=300, env=env, check=True)
     assert kills >= 3
     assert losses(killed) == losses(straight)
     assert [s for s, _ in ckpt.complete_checkpoints(killed / "checkpoints")][-1] == STEPS

@@ -322,16 +322,19 @@ def device_name(device: torch.device) -> str:
 
 
 def register(sub) -> None:
+    from .cli import device_arg
+
     p = sub.add_parser("bench", help="measure prefill/decode speed against measured hardware ceilings")
     p.add_argument("--shape", default="megrez2-350m", choices=sorted(SHAPES),
                    help="named model shape with random weights (megrez.presets; default: megrez2-350m)")
     p.add_argument("--model", default=None, help="benchmark a checkpoint instead of a random shape")
     p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--prompt", type=int, nargs="+", default=[128])
-    p.add_argument("--output", type=int, default=64)
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to run (sequences decoded together)")
+    p.add_argument("--prompt", type=int, nargs="+", default=[128], help="prompt lengths to run, in tokens")
+    p.add_argument("--output", type=int, default=64, help="tokens to decode per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="Llama shapes: also time transformers' generate on the same weights and report the ratio")

@@ -525,6 +525,10 @@ def repl(session: ChatSession, reader=None, interactive: bool | None = None) -> 
             except ValueError as e:
                 print(f"megrez: {e}", file=session.err, flush=True)
             continue
+        message = text if "\n" in text else stripped  # a multi-line message keeps its layout
         if stripped.startswith("//"):
-            text = stripped[1:]
-        session.ask(text if "\n" in text else stripped)
+            message = message.strip()[1:]
+        try:
+            session.ask(message)
+        except KeyboardInterrupt:  # before or after the answer streamed: the conversation is unchanged
+            session.notice("interrupted")

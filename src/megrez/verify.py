@@ -92,10 +92,11 @@ def verify(a) -> dict:
 def register(sub) -> None:
     p = sub.add_parser("verify", help="compare logits and greedy tokens with Hugging Face transformers")
     p.add_argument("--model", "-m", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to compare on (default: a short bilingual prompt)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of both models (float32 for the tightest comparison)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the checkpoint's own modeling code (needed for Megrez2)")
     p.set_defaults(func=lambda a: verify(a) and 0)

@@ -33,14 +33,15 @@ def register(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,

@@ -129,5 +129,5 @@ def register(subparsers) -> None:
         add_train_args(sp)
         sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("presets", help="list the named model sizes")
-    sp.add_argument("--vocab-size", type=int, default=32768)
+    sp.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size to count parameters with")
     sp.set_defaults(func=cmd_presets)
