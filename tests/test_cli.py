@@ -83,8 +83,24 @@ def test_verify_against_transformers(tiny_dense, tiny_moe):
     assert r.returncode == 0, r.stderr
     (result,) = json.loads(r.stdout.strip().splitlines()[-1])["results"]
     assert result["max_abs_logit_diff"] <= 1e-4 and result["greedy_tokens_identical"] == 8
+    # A Megrez2 without modeling code: compared with the float64 reference, which must stay
+    # independent of the engine (it imports nothing from the package).
     r = megrez("verify", "--model", tiny_moe)
-    assert r.returncode == 2 and "--trust-remote-code" in r.stderr
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["reference"] == "float64" and "float64 implementation" in r.stdout
+    (result,) = report["results"]
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["greedy_tokens_identical"] == result["greedy_tokens"] == 8
+    import ast
+
+    from megrez import reference
+
+    tree = ast.parse(open(reference.__file__).read())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("megrez") or m.startswith(".")], imported
+    r = megrez("verify", "--model", tiny_moe, "--trust-remote-code")
+    assert r.returncode == 2 and "no auto_map" in r.stderr
 
 
 def _walk(parser, path=()):

@@ -678,3 +678,22 @@ def test_load_benchmark_runs_against_the_server(live):
     assert summary["output_tokens"] == 8 * summary["requests"]
     assert 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
     assert "TTFT" in proc.stdout
+
+
+def test_load_benchmark_without_the_key_says_so(live):
+    env = {k: v for k, v in os.environ.items() if k != "MEGREZ_API_KEY"}
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--duration", "1"],
+                      timeout=60, env=env)
+    assert proc.returncode == 2 and "requires an API key" in proc.stderr and "--api-key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist: the port is checked first, so that is the error reported.
+        r = timing.run([sys.executable, "-m", "megrez.cli", "serve", "--model", "/no/such/model", "--port", str(port)],
+                       timeout=60)
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in r.stderr

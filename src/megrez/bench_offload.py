@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .bench import SHAPES, best_time, device_name, random_model, sync
+from .bench import SHAPES, best_time, device_name, random_model, require_memory, shape_bytes, sync
 from .engine import Engine, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .loading import resolve_device, resolve_dtype
@@ -153,6 +153,18 @@ def set_banks(model, banks):
 def bench(a) -> dict:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
+    sizes = shape_bytes(a.shape, dtype, a.kv_heads)
+    # Experts live in host memory; the all-on-device reference puts a second copy on the device.
+    reference = sizes["experts"] if a.reference else 0
+    if device.type == "cpu":
+        require_memory(a.shape, dtype, device, sizes["rest"] + sizes["experts"] + reference,
+                       "the weights, and the experts twice for the all-on-device reference" if a.reference
+                       else "the weights")
+    else:
+        require_memory(a.shape, dtype, torch.device("cpu"), sizes["experts"], "the routed experts in host memory")
+        require_memory(a.shape, dtype, device, sizes["rest"] + reference,
+                       "the non-expert weights and the all-on-device reference's experts" if a.reference
+                       else "the non-expert weights")
     model = random_model(a.shape, device, dtype, a.kv_heads, expert_device=torch.device("cpu"))
     args = model.args
     moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]

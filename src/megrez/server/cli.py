@@ -8,7 +8,9 @@ process list). FastAPI and uvicorn are imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 API_KEY_ENV = "MEGREZ_API_KEY"
@@ -52,15 +54,36 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use is reported at
+    once (uvicorn serves on this very socket: nothing can take the port in between)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (another server?); stop it or pick "
+                             f"another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
-    from ..cli import make_llm
+    from ..cli import announce_template, make_llm
 
     for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
                    prefill_chunk=a.prefill_chunk)
+    announce_template(llm)
     return llm.path, llm.engine
 
 
@@ -70,12 +93,18 @@ def cmd_serve(a) -> int:
 
         from .app import ServerConfig, create_app
     except ModuleNotFoundError as e:
-        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); "
-                         f"install them with: pip install 'megrez[serve]'") from None
+        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); install them with "
+                         f"scripts/setup.sh serve, or pip install -e '.[serve]' in the megrez checkout") from None
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    path, engine = build_engine(a)
+    sock = bind(a.host, a.port)
+    try:
+        path, engine = build_engine(a)
+    except BaseException:
+        sock.close()
+        raise
+    a.port = sock.getsockname()[1]  # the port the system chose for --port 0
     names = a.served_model_name or [a.model if a.model is not None else path.name]
     app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
                                           max_request_bytes=a.max_request_bytes))
@@ -85,5 +114,5 @@ def cmd_serve(a) -> int:
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
                             server_header=False)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
