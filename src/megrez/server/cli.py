@@ -8,7 +8,9 @@ process list). FastAPI and uvicorn are imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 API_KEY_ENV = "MEGREZ_API_KEY"
@@ -33,14 +35,15 @@ def register(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
@@ -51,15 +54,36 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use is reported at
+    once (uvicorn serves on this very socket: nothing can take the port in between)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (another server?); stop it or pick "
+                             f"another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
-    from ..cli import make_llm
+    from ..cli import announce_template, make_llm
 
     for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
                    prefill_chunk=a.prefill_chunk)
+    announce_template(llm)
     return llm.path, llm.engine
 
 
@@ -69,12 +93,18 @@ def cmd_serve(a) -> int:
 
         from .app import ServerConfig, create_app
     except ModuleNotFoundError as e:
-        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); "
-                         f"install them with: pip install 'megrez[serve]'") from None
+        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); install them with "
+                         f"scripts/setup.sh serve, or pip install -e '.[serve]' in the megrez checkout") from None
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    path, engine = build_engine(a)
+    sock = bind(a.host, a.port)
+    try:
+        path, engine = build_engine(a)
+    except BaseException:
+        sock.close()
+        raise
+    a.port = sock.getsockname()[1]  # the port the system chose for --port 0
     names = a.served_model_name or [a.model if a.model is not None else path.name]
     app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
                                           max_request_bytes=a.max_request_bytes))
@@ -84,5 +114,5 @@ def cmd_serve(a) -> int:
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
                             server_header=False)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
