@@ -42,12 +42,15 @@ def register(sub) -> None:
                    help="largest request body accepted (default 4MiB; larger gets 413)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    g.add_argument("--max-num-seqs", type=int, default=16, help="most sequences decoded together (default 16)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 2GiB (default: half the free GPU memory, 4GiB on CPU)")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt from scratch instead of reusing cached prefix blocks")
     p.set_defaults(func=cmd_serve)
 
 
@@ -55,11 +58,11 @@ def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
     from ..cli import make_llm
 
-    for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "block_size"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
-                   prefill_chunk=a.prefill_chunk)
+                   prefill_chunk=a.prefill_chunk, block_size=a.block_size, enable_prefix_caching=a.prefix_caching)
     return llm.path, llm.engine
 
 
@@ -79,8 +82,10 @@ def cmd_serve(a) -> int:
     app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
                                           max_request_bytes=a.max_request_bytes))
     print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
-          f"({engine.max_num_seqs} sequences x {engine.max_model_len} tokens, "
-          f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache; API key {'required' if api_key else 'not required'})",
+          f"(up to {engine.max_num_seqs} sequences of up to {engine.max_model_len} tokens; "
+          f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache: {engine.blocks.usable * engine.block_size} tokens in "
+          f"blocks of {engine.block_size}, prefix caching {'on' if engine.blocks.enable_prefix_caching else 'off'}; "
+          f"API key {'required' if api_key else 'not required'})",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
                             server_header=False)
