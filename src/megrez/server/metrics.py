@@ -62,7 +62,10 @@ def _number(v) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def render(engine_loop, api_errors: Counter, model_name: str) -> str:
+LIMITS = ("max_request_tokens", "max_response_bytes", "max_waiting")
+
+
+def render(engine_loop, api_errors: Counter, model_name: str, limits_hit: Counter | None = None) -> str:
     engine = engine_loop.engine
     stats = engine.stats
     e = Exposition()
@@ -96,8 +99,11 @@ def render(engine_loop, api_errors: Counter, model_name: str) -> str:
     e.metric("megrez_engine_steps_total", "counter", "Engine steps run.", stats["steps"])
     e.metric("megrez_requests_finished_total", "counter", "Engine requests finished, by finish reason.",
              [({"finish_reason": r}, n) for r, n in sorted(engine_loop.finished.items())])
-    e.metric("megrez_api_errors_total", "counter", "Error responses, by HTTP status.",
-             [({"status": s}, n) for s, n in sorted(api_errors.items())])
+    e.metric("megrez_api_errors_total", "counter", "Error responses, by HTTP status (499: the client hung up "
+             "before the answer).", [({"status": s}, n) for s, n in sorted(api_errors.items())])
+    hit = limits_hit or Counter()
+    e.metric("megrez_request_limits_hit_total", "counter", "Requests refused, or their max_tokens lowered, by a "
+             "per-request limit.", [({"limit": name}, hit[name]) for name in LIMITS])
     e.histogram("megrez_time_to_first_token_seconds", "Time from submission to the first token.", engine_loop.ttft)
     e.histogram("megrez_request_latency_seconds", "Time from submission to the last token.", engine_loop.latency)
     e.metric("megrez_model_info", "gauge", "The served model.", [({"model": model_name}, 1)])
