@@ -91,6 +91,7 @@ class RLConfig:
     seed: int = 0
     resume: bool = True
     stop_after: int | None = None
+    time_limit_minutes: float | None = None  # finish (save, export) after the step that passes it
     progress: bool = True
     plots: bool = True
 
@@ -161,7 +162,9 @@ class PromptSampler:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig):
+    """``task`` / ``eval_task``: Task objects to use instead of building them from the config."""
+
+    def __init__(self, cfg: RLConfig, task=None, eval_task=None):
         cfg.validate()
         self.cfg = cfg
         if cfg.threads:
@@ -171,9 +174,10 @@ class RLTrainer:
         torch.manual_seed(cfg.seed)
         self.tok = Tokenizer(cfg.init)
         self.tok_dir = Path(cfg.init)
-        self.task = get_task(cfg.task, **cfg.task_options)
+        self.task = task or get_task(cfg.task, **cfg.task_options)
         self.examples = self.task.examples()
-        self.eval_task = get_task(cfg.task, **cfg.eval_task_options) if cfg.eval_task_options is not None else None
+        self.eval_task = eval_task or (get_task(cfg.task, **cfg.eval_task_options)
+                                       if cfg.eval_task_options is not None else None)
         self.max_tokens = cfg.max_tokens or self.task.max_tokens
 
         resume_from = ckpt.latest_checkpoint(self.out) if cfg.resume else None
@@ -404,7 +408,7 @@ class RLTrainer:
         res = {}
         if self.rank == 0:
             self.model.eval()
-            ecfg = EvalConfig(task=self.cfg.task, samples=self.cfg.eval_samples, temperature=self.cfg.eval_temperature,
+            ecfg = EvalConfig(task=self.eval_task.name, samples=self.cfg.eval_samples, temperature=self.cfg.eval_temperature,
                               max_tokens=self.max_tokens, seed=self.cfg.seed, progress=False)
             s = evaluate(self.backend, ecfg, self.eval_task)
             self.model.train()
@@ -450,13 +454,19 @@ class RLTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not (cfg.progress and self.rank == 0), desc="rl")
         start, stopped, last_eval = self.step, False, {}
+        t_start = time.monotonic()
         while self.step < cfg.steps:
             if cfg.stop_after is not None and self.step - start >= cfg.stop_after:
                 stopped = True
                 break
             rec = self.train_step()
             self.history.append(rec)
-            last = self.step == cfg.steps
+            out_of_time = cfg.time_limit_minutes is not None and time.monotonic() - t_start > 60 * cfg.time_limit_minutes
+            if distributed.is_distributed():  # every rank must agree to stop
+                flag = torch.tensor(float(out_of_time), device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                out_of_time = bool(flag)
+            last = self.step == cfg.steps or out_of_time
             if self.step % cfg.eval_every == 0 or last:
                 last_eval = self.held_out()
                 rec.update(last_eval)
@@ -470,6 +480,9 @@ class RLTrainer:
                     from .rl_plots import plot_rl
 
                     plot_rl(self.out)
+            if out_of_time:
+                bar.write(f"time limit of {cfg.time_limit_minutes:g} minutes reached after step {self.step}")
+                break
         bar.close()
         summary = {"step": self.step, "stopped": stopped, "rewards": [h["reward"] for h in self.history],
                    "losses": [h["loss"] for h in self.history], **last_eval}

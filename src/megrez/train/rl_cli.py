@@ -20,7 +20,7 @@ GROUPS = {
     "optimisation": ["lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "bias_update_rate"],
     "execution": ["device", "threads", "precision", "seed"],
     "output": ["out", "eval_every", "eval_samples", "eval_temperature", "save_every", "keep_checkpoints",
-               "export_dtype", "resume", "stop_after", "progress", "plots"],
+               "export_dtype", "resume", "stop_after", "time_limit_minutes", "progress", "plots"],
 }
 HELP = {
     "init": "checkpoint directory of the policy to train",
