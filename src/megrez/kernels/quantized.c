@@ -724,6 +724,15 @@ static void run_stage(int64_t count, const mz_product *p, act_slot *slots, int64
 }
 
 #define MAX_PRODUCTS 256
+/* Below this many weight bytes a call runs on the calling thread: waking the others costs more. */
+#define PARALLEL_MIN_BYTES (128 << 10)
+
+static int64_t weight_bytes(int64_t count, const mz_product *p) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; ++i)
+        total += (1 + (p[i].swiglu != 0)) * p[i].n * bytes_of(p[i].qtype) * (p[i].k / block_of(p[i].qtype));
+    return total;
+}
 
 /* Runs count1 products, then count2 products (which may read the first stage's outputs, e.g.
  * experts' down projections after their gate/up), in one parallel region. 0 on success. */
@@ -744,7 +753,8 @@ int megrez_q_products(int64_t count1, const mz_product *p1, int64_t count2, cons
         start1[i + 1] = start1[i] + (p1[i].n + tile_rows(p1[i].m) - 1) / tile_rows(p1[i].m);
     for (int64_t i = 0; i < count2; ++i)
         start2[i + 1] = start2[i] + (p2[i].n + tile_rows(p2[i].m) - 1) / tile_rows(p2[i].m);
-#pragma omp parallel
+    int parallel = weight_bytes(count1, p1) + weight_bytes(count2, p2) >= PARALLEL_MIN_BYTES;
+#pragma omp parallel if (parallel)
     {
         run_stage(count1, p1, slots1, ns1, slot_of1, start1);
         if (count2) run_stage(count2, p2, slots2, ns2, slot_of2, start2);

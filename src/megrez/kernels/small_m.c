@@ -8,7 +8,7 @@
  *
  * Weights are float32 or bfloat16; x and the results are float32.
  *
- * Built by megrez/kernels/__init__.py with: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC
+ * Built by megrez/kernels/build.py into each AVX2 (or wider) variant, with -ffp-contract=off.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -111,8 +111,10 @@ int megrez_grouped(int swiglu, int wtype, int64_t G, const float **x, const void
         int R = rows_per_block(M[g]);
         start[g + 1] = start[g] + N[g] / R + N[g] % R;  /* full blocks, then single tail rows */
     }
-    int64_t total = start[G];
-#pragma omp parallel for schedule(static)
+    int64_t total = start[G], bytes = 0;
+    for (int64_t g = 0; g < G; ++g) bytes += (1 + (swiglu != 0)) * N[g] * K * (wtype == 1 ? 2 : 4);
+    /* Small products run on the calling thread: waking the others costs more than they save. */
+#pragma omp parallel for schedule(static) if (bytes >= (128 << 10))
     for (int64_t item = 0; item < total; ++item) {
         int64_t g = 0;
         while (item >= start[g + 1]) ++g;
