@@ -56,7 +56,6 @@ def load():
         lib.megrez_linear.argtypes = [c_int, ptr, ptr, ptr, i64, i64, i64]
         lib.megrez_swiglu.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, i64]
         lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
-    from . import quantized
     quantized.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
@@ -113,7 +112,6 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the decode kernel where it applies."""
     if isinstance(weight, QuantTensor):
-        from . import quantized
         return quantized.linear(x, weight, bias)
     if not _eligible(x, weight) or (lib := _float_lib()) is None:
         return F.linear(x, weight, bias)
@@ -128,7 +126,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | None = None) -> list[torch.Tensor]:
     """``[F.linear(x, w, b) for w, b in ...]`` in one kernel call (e.g. Q, K and V)."""
     if isinstance(weights[0], QuantTensor):
-        from . import quantized
         return quantized.linear_many(x, weights, biases)
     biases = biases or [None] * len(weights)
     if not _eligible(x, *weights) or (lib := _float_lib()) is None:
@@ -141,7 +138,6 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | Non
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(x @ gate^T) * (x @ up^T)``, fused in the decode kernel where it applies."""
     if isinstance(gate, QuantTensor):
-        from . import quantized
         return quantized.swiglu(x, gate, up)
     if not _eligible(x, gate, up) or (lib := _float_lib()) is None:
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
@@ -157,7 +153,6 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each,
     all experts in two kernel calls when every segment has at most 8 rows."""
     if segments and isinstance(segments[0][1], QuantTensor):
-        from . import quantized
         return quantized.experts_swiglu(segments)
     if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := _float_lib()) is not None:
         dtype = segments[0][0].dtype
@@ -166,3 +161,6 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
         hs = [h.to(dtype).to(torch.float32) for h in hs]
         return [y.to(dtype) for y in _run(lib, False, [(h, d, None) for h, (_, _, _, d) in zip(hs, segments)])]
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
+
+
+from . import quantized  # noqa: E402  (it reads this module's state at call time)

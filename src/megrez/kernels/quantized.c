@@ -68,6 +68,9 @@ typedef struct {
 static inline float fp16_to_f32(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h); /* the conversion is exact either way */
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) {
         bits = sign | 0x7f800000u | (man << 13);
@@ -295,6 +298,32 @@ INLINE __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
 }
 INLINE __m256i loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
+/* Q4_K's 6-bit scales and mins as bytes sc0..sc7, m0..m7 (llama.cpp's mask trick). */
+INLINE __m128i q4_k_scales_mins(const uint8_t *s12) {
+    uint32_t u[4];
+    memcpy(u, s12, 12);
+    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    uint32_t m03 = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = m03;
+    u[0] &= k1;
+    return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
+}
+/* Exact totals of the int32 lanes of a (8 lanes) and b (4 lanes). */
+INLINE void hsum2_i32(__m256i a, __m128i b, int32_t *ta, int32_t *tb) {
+    __m128i h = _mm_hadd_epi32(_mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)), b);
+    h = _mm_hadd_epi32(h, h);
+    *ta = _mm_cvtsi128_si32(h);
+    *tb = _mm_extract_epi32(h, 1);
+}
+/* sum_j m_j * (sum of x over group j of 32), 4 int32 lanes, from the 16-sums of x. */
+INLINE __m128i q4_k_min_lanes(__m128i scales_mins, const int16_t *xs) {
+    __m256i bs = loadu(xs);
+    __m128i s32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    return _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(scales_mins, 8)), s32);
+}
+
 /* One 32-block of Q8_0 for row m: integer lanes of w . x. */
 INLINE __m256i q8_0_lanes(__m256i aw, __m256i qw, const int8_t *qx) {
     return dot_u8s8(aw, _mm256_sign_epi8(loadu(qx), qw));
@@ -394,9 +423,6 @@ INLINE void q4_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     }
 }
 
-INLINE int32_t hsum512_i32(__m512i v) {
-    return hsum_i32(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
-}
 
 INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
     float acc[MAX_ROWS];
@@ -404,24 +430,25 @@ INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     const __m256i m4 = _mm256_set1_epi8(0xf);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + 144 * b, *qs = blk + 16;
-        uint8_t sc[8], mn[8];
-        q4_k_scales(blk + 4, sc, mn);
+        __m128i sm8 = q4_k_scales_mins(blk + 4);
+        __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm8)); /* int16: sc0..7, m0..7 */
         __m512i sq[MAX_ROWS];
         for (int m = 0; m < mc; ++m) sq[m] = _mm512_setzero_si512();
         for (int j = 0; j < 4; ++j) {
             __m256i raw = loadu(qs + 32 * j);
             __m512i q = join256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-            __m512i s16 = join256(_mm256_set1_epi16(sc[2 * j]), _mm256_set1_epi16(sc[2 * j + 1]));
+            __m512i s16 = _mm512_permutexvar_epi16(
+                join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1))), sc16);
             for (int m = 0; m < mc; ++m) {
                 __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512((const void *)(x[m].q + 256 * b + 64 * j)));
                 sq[m] = madd_acc512(sq[m], p, s16);
             }
         }
-        __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4], mn[4],
-                                         mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
         for (int m = 0; m < mc; ++m) {
-            int32_t sm = hsum_i32(_mm256_madd_epi16(loadu(x[m].s + 16 * b), mins));
-            acc[m] = q4_k_combine(acc[m], x[m].d[b], blk, hsum512_i32(sq[m]), sm);
+            int32_t tq, tm;
+            hsum2_i32(_mm256_add_epi32(_mm512_castsi512_si256(sq[m]), _mm512_extracti64x4_epi64(sq[m], 1)),
+                      q4_k_min_lanes(sm8, x[m].s + 16 * b), &tq, &tm);
+            acc[m] = q4_k_combine(acc[m], x[m].d[b], blk, tq, tm);
         }
     }
     for (int m = 0; m < mc; ++m) out[m] = acc[m];
@@ -430,25 +457,27 @@ INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
 INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
     float acc[MAX_ROWS];
     for (int m = 0; m < mc; ++m) acc[m] = 0.0f;
-    const __m256i m4 = _mm256_set1_epi8(0xf), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30);
+    const __m512i m4 = _mm512_set1_epi8(0xf), m30 = _mm512_set1_epi8(0x30);
+    /* int16 lanes of a 64-value vector: 4 groups of 16 values, 8 lanes each */
+    const __m512i pick = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL,
+                                          0x0002000200020002LL, 0x0001000100010001LL, 0x0001000100010001LL, 0, 0);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + 210 * b;
-        const int8_t *sc = (const int8_t *)(blk + 192);
+        __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+        __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
         __m512i s[MAX_ROWS];
         for (int m = 0; m < mc; ++m) s[m] = _mm512_setzero_si512();
         for (int h = 0; h < 2; ++h) {
-            __m256i ql0 = loadu(blk + 64 * h), ql1 = loadu(blk + 64 * h + 32), qh = loadu(blk + 128 + 32 * h);
-            __m256i q1 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
-            __m256i q2 = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-            __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const int8_t *g = sc + 8 * h;
-            __m512i qa = join256(q1, q2), qb = join256(q3, q4);
-            __m512i sa = join256(_mm256_set_m128i(_mm_set1_epi16(g[1]), _mm_set1_epi16(g[0])),
-                         _mm256_set_m128i(_mm_set1_epi16(g[3]), _mm_set1_epi16(g[2])));
-            __m512i sb = join256(_mm256_set_m128i(_mm_set1_epi16(g[5]), _mm_set1_epi16(g[4])),
-                                 _mm256_set_m128i(_mm_set1_epi16(g[7]), _mm_set1_epi16(g[6])));
+            __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * h));    /* values 0-63 low, 64-127 high nibbles */
+            __m256i qh256 = loadu(blk + 128 + 32 * h);
+            __m512i qh = join256(qh256, _mm256_srli_epi16(qh256, 2));         /* 2-bit fields 0,1 | 2,3 */
+            __m512i qa = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                         _mm512_and_si512(_mm512_slli_epi16(qh, 4), m30)); /* values 0-63 */
+            __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                         _mm512_and_si512(qh, m30));                       /* values 64-127 */
+            /* qh's fields: value l uses bits 0-1, l+32 bits 2-3, l+64 bits 4-5, l+96 bits 6-7 */
+            __m512i sa = _mm512_permutexvar_epi16(_mm512_add_epi16(pick, _mm512_set1_epi16((short)(8 * h))), sc16);
+            __m512i sb = _mm512_permutexvar_epi16(_mm512_add_epi16(pick, _mm512_set1_epi16((short)(8 * h + 4))), sc16);
             for (int m = 0; m < mc; ++m) {
                 const int8_t *xq = x[m].q + 256 * b + 128 * h;
                 __m512i pa = _mm512_maddubs_epi16(qa, _mm512_loadu_si512((const void *)xq));
@@ -456,10 +485,13 @@ INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
                 s[m] = madd_acc512(madd_acc512(s[m], pa, sa), pb, sb);
             }
         }
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        __m256i sc256 = _mm512_castsi512_si256(sc16);
         for (int m = 0; m < mc; ++m) {
-            int32_t off = hsum_i32(_mm256_madd_epi16(loadu(x[m].s + 16 * b), sc16));
-            acc[m] = q6_k_combine(acc[m], x[m].d[b], blk, hsum512_i32(s[m]) - 32 * off);
+            int32_t ts, toff;
+            __m256i off = _mm256_madd_epi16(loadu(x[m].s + 16 * b), sc256);
+            hsum2_i32(_mm256_add_epi32(_mm512_castsi512_si256(s[m]), _mm512_extracti64x4_epi64(s[m], 1)),
+                      _mm_add_epi32(_mm256_castsi256_si128(off), _mm256_extracti128_si256(off, 1)), &ts, &toff);
+            acc[m] = q6_k_combine(acc[m], x[m].d[b], blk, ts - 32 * toff);
         }
     }
     for (int m = 0; m < mc; ++m) out[m] = acc[m];
@@ -525,25 +557,25 @@ INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     const __m256i m4 = _mm256_set1_epi8(0xf);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + 144 * b, *qs = blk + 16;
-        uint8_t sc[8], mn[8];
-        q4_k_scales(blk + 4, sc, mn);
+        __m128i sm8 = q4_k_scales_mins(blk + 4);
+        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8)); /* int16 sc0..7, twice */
         __m256i sq[4];
         for (int m = 0; m < mc; ++m) sq[m] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j) {
             __m256i raw = loadu(qs + 32 * j);
             __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-            __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+            __m256i slo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(((4 * j + 1) << 8) | (4 * j))));
+            __m256i shi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(((4 * j + 3) << 8) | (4 * j + 2))));
             for (int m = 0; m < mc; ++m) {
                 const int8_t *xq = x[m].q + 256 * b + 64 * j;
                 sq[m] = madd_acc(sq[m], _mm256_maddubs_epi16(lo, loadu(xq)), slo);
                 sq[m] = madd_acc(sq[m], _mm256_maddubs_epi16(hi, loadu(xq + 32)), shi);
             }
         }
-        __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4], mn[4],
-                                         mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
         for (int m = 0; m < mc; ++m) {
-            int32_t sm = hsum_i32(_mm256_madd_epi16(loadu(x[m].s + 16 * b), mins));
-            acc[m] = q4_k_combine(acc[m], x[m].d[b], blk, hsum_i32(sq[m]), sm);
+            int32_t tq, tm;
+            hsum2_i32(sq[m], q4_k_min_lanes(sm8, x[m].s + 16 * b), &tq, &tm);
+            acc[m] = q4_k_combine(acc[m], x[m].d[b], blk, tq, tm);
         }
     }
     for (int m = 0; m < mc; ++m) out[m] = acc[m];

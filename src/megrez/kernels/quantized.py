@@ -21,6 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .. import kernels as _kernels  # the package (initialising while it imports this module)
 from ..quant.formats import QType, QuantTensor
 
 KERNEL_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
@@ -51,15 +52,13 @@ _announced = False
 
 def _kernel_lib(x: torch.Tensor, *weights: QuantTensor):
     """The library when the kernels apply to this product, else None (reference path)."""
-    from . import enabled, load
-
-    if not (enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if not (_kernels.enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
     if not all(w.qtype in KERNEL_TYPES and w.device.type == "cpu" and w.is_contiguous() for w in weights):
         return None
-    lib = load()
+    lib = _kernels.load()
     if lib is None:
         _announce()
     return lib
@@ -68,15 +67,14 @@ def _kernel_lib(x: torch.Tensor, *weights: QuantTensor):
 def _announce() -> None:
     global _announced
     if not _announced:
-        from . import reason
-
         _announced = True
-        print(f"megrez: quantized CPU kernels unavailable ({reason}); dequantizing weights for torch instead "
+        print(f"megrez: quantized CPU kernels unavailable ({_kernels.reason}); dequantizing weights for torch instead "
               "(slower)", file=sys.stderr)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
 
 
 def _check(x: torch.Tensor, w: QuantTensor) -> None:
@@ -111,8 +109,7 @@ def _plain(w: QuantTensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.qtype in PLAIN_TYPES:
-        from . import linear as float_linear
-        return float_linear(x, _plain(weight), bias)
+        return _kernels.linear(x, _plain(weight), bias)
     if (lib := _kernel_lib(x, weight)) is None:
         y = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
         return y.to(x.dtype)
@@ -128,8 +125,7 @@ def linear_many(x: torch.Tensor, weights: list[QuantTensor], biases: list | None
     biases = biases or [None] * len(weights)
     quantized = [isinstance(w, QuantTensor) and w.qtype in KERNEL_TYPES for w in weights]
     if not all(quantized) or (lib := _kernel_lib(x, *weights)) is None:
-        from . import linear as any_linear
-        return [any_linear(x, w, b) for w, b in zip(weights, biases)]
+        return [_kernels.linear(x, w, b) for w, b in zip(weights, biases)]
     xr = _rows(x)
     products = [_product(xr, w) for w in weights]
     _run(lib, [p for p, _ in products])
@@ -139,9 +135,8 @@ def linear_many(x: torch.Tensor, weights: list[QuantTensor], biases: list | None
 
 def swiglu(x: torch.Tensor, gate: QuantTensor, up: QuantTensor) -> torch.Tensor:
     if gate.qtype != up.qtype or gate.qtype not in KERNEL_TYPES or (lib := _kernel_lib(x, gate, up)) is None:
-        from . import linear as any_linear
         xf = x.float()
-        return (F.silu(any_linear(xf, gate)) * any_linear(xf, up)).to(x.dtype)
+        return (F.silu(_kernels.linear(xf, gate)) * _kernels.linear(xf, up)).to(x.dtype)
     xr = _rows(x)
     p, h = _product(xr, gate, up)
     _run(lib, [p])
