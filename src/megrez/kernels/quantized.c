@@ -26,6 +26,7 @@
  * (+ -mavx512vnni). The code below picks its path from the compiler's feature macros.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -744,7 +745,11 @@ static void run_stage(int64_t count, const mz_product *p, act_slot *slots, int64
         quantize_row(s->x + rr * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
                      (int16_t *)(base + s->q_bytes + s->d_bytes));
     }
-#pragma omp for schedule(static)
+    /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its
+     * share; each tile is still computed by one thread in the one order, so results do not
+     * depend on the split. */
+    int64_t chunk = tile_start[count] / (16 * omp_get_num_threads()) + 1;
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < tile_start[count]; ++t) {
         int64_t lo = 0, hi = count; /* the product holding tile t: tile_start[lo] <= t < tile_start[lo + 1] */
         while (hi - lo > 1) {

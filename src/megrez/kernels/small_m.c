@@ -12,6 +12,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -114,7 +115,9 @@ int megrez_grouped(int swiglu, int wtype, int64_t G, const float **x, const void
     int64_t total = start[G], bytes = 0;
     for (int64_t g = 0; g < G; ++g) bytes += (1 + (swiglu != 0)) * N[g] * K * (wtype == 1 ? 2 : 4);
     /* Small products run on the calling thread: waking the others costs more than they save. */
-#pragma omp parallel for schedule(static) if (bytes >= (128 << 10))
+    /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its share. */
+    int64_t chunk = total / (16 * omp_get_max_threads()) + 1;
+#pragma omp parallel for schedule(dynamic, chunk) if (bytes >= (128 << 10))
     for (int64_t item = 0; item < total; ++item) {
         int64_t g = 0;
         while (item >= start[g + 1]) ++g;
