@@ -280,3 +280,32 @@ def test_forced_variant_and_fallback_without_kernels():
     assert off.returncode == 0, off.stderr
     assert off.stdout.split()[0] == "none" and "MEGREZ_CPU_KERNELS=0" in off.stdout
     assert off.stderr.count("quantized CPU kernels unavailable") == 1
+
+
+def test_libraries_do_not_depend_on_the_build_machine(monkeypatch, tmp_path):
+    """Fixed flags per variant (never -march=native), and a cache key that changes with the
+    sources, the compiler, the flags and the CPU's features."""
+    for v in build.VARIANTS.values():
+        assert not any("native" in f or f.startswith(("-march", "-mtune")) for f in (*build.COMMON_FLAGS, *v.flags))
+    monkeypatch.setenv("MEGREZ_CACHE", str(tmp_path))
+    cc = build.compiler() or "cc"
+    avx2 = build.VARIANTS["avx2"]
+    base = build.library_path(avx2, 1, cc)
+    assert base.parent == tmp_path / "kernels" and "avx2" in base.name
+    assert build.library_path(avx2, 3, cc) != base                                          # CPU features
+    assert build.library_path(build.VARIANTS["avx512"], 1, cc) != base                      # flags
+    build._compiler_ids[cc] = "another compiler"
+    try:
+        assert build.library_path(avx2, 1, cc) != base                                      # compiler
+    finally:
+        del build._compiler_ids[cc]
+    assert build.library_path(avx2, 1, cc) == base
+
+
+def test_a_variant_the_cpu_cannot_run_is_refused_clearly():
+    code = ("import megrez.kernels as k\n"
+            "assert k.load() is None\n"
+            "print(k.reason)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MEGREZ_CPU_VARIANT": "avx1024"},
+                         capture_output=True, text=True, check=True)
+    assert "unknown CPU kernel variant 'avx1024'" in out.stdout
