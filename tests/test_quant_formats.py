@@ -10,7 +10,7 @@ from megrez.quant.formats import BLOCK_SIZES, QType, QuantTensor, dequantize, qu
 
 gguf = pytest.importorskip("gguf")
 
-ALL = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K]
+ALL = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
 
 
 def reference_dequantize(data: torch.Tensor, qtype: QType, shape) -> torch.Tensor:
@@ -46,7 +46,7 @@ def awkward_weights(rows: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.F16, QType.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.F16, QType.BF16], ids=lambda q: q.name)
 def test_quantize_equals_gguf_reference(qtype):
     w = awkward_weights(24, 768, seed=3)
     ours = quantize(w, qtype)

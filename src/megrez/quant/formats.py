@@ -6,6 +6,8 @@ A quantized weight [N, K] is N rows of ``K // block`` blocks each; one row is
 
     Q8_0  32 int8 + fp16 scale                                  34 bytes / 32 weights
     Q4_0  32 4-bit + fp16 scale (x = (q - 8) * d)               18 bytes / 32 weights
+    Q5_0  fp16 scale, 4 bytes of 5th bits, 16 bytes of 4-bit     22 bytes / 32 weights
+          (llama.cpp's stand-in for Q4_K where rows are not whole super-blocks)
     Q4_K  256: fp16 d, dmin, 12 bytes of 6-bit scales/mins,
           128 bytes of 4-bit values                           144 bytes / 256 weights
     Q6_K  256: 128 bytes low 4 bits, 64 bytes high 2 bits,
@@ -27,6 +29,7 @@ class QType(IntEnum):
     F32 = 0
     F16 = 1
     Q4_0 = 2
+    Q5_0 = 6
     Q8_0 = 8
     Q4_K = 12
     Q6_K = 14
@@ -36,7 +39,7 @@ class QType(IntEnum):
 # qtype -> (weights per block, bytes per block)
 BLOCK_SIZES: dict[QType, tuple[int, int]] = {
     QType.F32: (1, 4), QType.F16: (1, 2), QType.BF16: (1, 2),
-    QType.Q8_0: (32, 34), QType.Q4_0: (32, 18), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210),
+    QType.Q8_0: (32, 34), QType.Q4_0: (32, 18), QType.Q5_0: (32, 22), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210),
 }
 
 
@@ -126,6 +129,15 @@ def _dequantize_q4_0(blocks):
     return _f16(blocks[:, :2]) * q.float()
 
 
+def _dequantize_q5_0(blocks):
+    qh = blocks[:, 2:6].to(torch.int64)
+    high = (qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24))[:, None] >> torch.arange(32)
+    qs = blocks[:, 6:]
+    low = torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    q = (low | ((high & 1).to(torch.uint8) << 4)).to(torch.int8) - 16
+    return _f16(blocks[:, :2]) * q.float()
+
+
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 6-bit scales and mins packed in Q4_K's 12 bytes -> two uint8 [n, 8]."""
     d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
@@ -158,13 +170,13 @@ def _dequantize_q6_k(blocks):
     return (d * q.reshape(n, 16, 16).float()).reshape(n, 256)
 
 
-_DEQUANTIZE = {QType.Q8_0: _dequantize_q8_0, QType.Q4_0: _dequantize_q4_0, QType.Q4_K: _dequantize_q4_k,
+_DEQUANTIZE = {QType.Q8_0: _dequantize_q8_0, QType.Q4_0: _dequantize_q4_0, QType.Q5_0: _dequantize_q5_0, QType.Q4_K: _dequantize_q4_k,
                QType.Q6_K: _dequantize_q6_k}
 
 
 # ------------------------------------------------------------------------------ quantize
 
-CHUNK_WEIGHTS = 1 << 20  # rows are quantized this many weights at a time (temporaries stay in cache)
+CHUNK_WEIGHTS = 1 << 18  # rows are quantized this many weights at a time (temporaries stay in cache)
 
 
 def quantize(weight: torch.Tensor, qtype: QType) -> QuantTensor:
@@ -233,6 +245,18 @@ def _quantize_q4_0(blocks):
     q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
     qs = q[:, :16] | (q[:, 16:] << 4)
     return torch.cat([_half_bytes(d), qs], dim=1)
+
+
+def _quantize_q5_0(blocks):
+    imax = blocks.abs().argmax(dim=1, keepdim=True)
+    d = blocks.gather(1, imax) / -16
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 16.5).clamp(0, 31).to(torch.uint8)
+    qs = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+    bits = (q >> 4).to(torch.int64) << torch.arange(32)
+    word = bits.sum(dim=1)
+    qh = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16, 24)], dim=1).to(torch.uint8)
+    return torch.cat([_half_bytes(d), qh, qs], dim=1)
 
 
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
@@ -387,5 +411,5 @@ def _quantize_q6_k(blocks):
     return torch.cat([ql, qh.reshape(nb, 64), sc.view(torch.uint8), _half_bytes(d_half)], dim=1)
 
 
-_QUANTIZE = {QType.Q8_0: _quantize_q8_0, QType.Q4_0: _quantize_q4_0, QType.Q4_K: _quantize_q4_k,
+_QUANTIZE = {QType.Q8_0: _quantize_q8_0, QType.Q4_0: _quantize_q4_0, QType.Q5_0: _quantize_q5_0, QType.Q4_K: _quantize_q4_k,
              QType.Q6_K: _quantize_q6_k}
