@@ -144,7 +144,7 @@ def test_quantize_equals_llama_cpp(qtype):
     lib = _ggml()
     if lib is None:
         pytest.skip("llama-cpp-python is not installed")
-    w = awkward_weights(16, 1024, seed=11).contiguous()
+    w = awkward_weights(64, 2048, seed=11).contiguous()
     ours = quantize(w, qtype)
     out = torch.empty_like(ours.data)
     lib.ggml_quantize_chunk(int(qtype), w.data_ptr(), out.data_ptr(), 0, w.shape[0], w.shape[1], None)

@@ -16,6 +16,7 @@ from .engine import Engine, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
+from .loading.gguf import tokenizer_path
 from .tokenizer import Tokenizer
 
 
@@ -62,7 +63,7 @@ class LLM:
         budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
-        self.tokenizer = Tokenizer(self.path)
+        self.tokenizer = Tokenizer(tokenizer_path(self.path))
         self.offload = None
         if budget is None:
             self.model = load_model(self.path, device=device, dtype=dtype, quantization=quantization, **overrides)

@@ -25,6 +25,7 @@ from .common import (
     resolve_dtype,
     resolve_model_path,
 )
+from .gguf import GGUFCheckpoint, is_gguf
 from .safetensors import SafetensorsFile, checkpoint_shards
 
 # Tensors some exporters write that carry no weights of their own.
@@ -63,6 +64,8 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
     ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, one tensor
     at a time, so host memory peaks near the quantized size (see :mod:`megrez.quant.recipe`)."""
     path = resolve_model_path(path)
+    if is_gguf(path):
+        return _load_gguf(path, device, dtype, progress, expert_device, quantization, **overrides)
     config = read_json(path / "config.json")
     source = str(path / "config.json")
     check_quantization_config(config, source)
@@ -85,6 +88,28 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
     materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
     load_weights(model, checkpoint_shards(path), progress=progress)
     model.hf_config = config
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization, **overrides):
+    """A model from a GGUF file, each tensor kept in the file's own type (the module swap is
+    driven by the types the file holds)."""
+    from ..quant.modules import quantize_modules
+
+    if quantization is not None:
+        raise ValueError(f"{path}: a GGUF file keeps its own tensor types; drop --quantization")
+    if expert_device is not None:
+        raise ValueError("routed experts of a GGUF file cannot be offloaded yet (drop --gpu-memory-budget)")
+    ckpt = GGUFCheckpoint(path)
+    device = resolve_device(device)
+    dtype = torch.float32 if dtype in (None, "auto") and device.type == "cpu" else resolve_dtype(dtype, {}, device)
+    with torch.device("meta"):
+        model = build_model(ckpt.config, source=f"{path} (metadata)", **overrides)
+    quantize_modules(model, ckpt.types(), device=device)
+    materialize(model, device, dtype)
+    load_weights(model, [ckpt], progress=progress)
+    model.hf_config = ckpt.config
     model.eval().requires_grad_(False)
     return model
 

@@ -267,6 +267,12 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def _over(c: float, t: torch.Tensor) -> torch.Tensor:
+    """The float32 quotient ``c / t`` (torch computes ``scalar / tensor`` as ``scalar * (1 / t)``,
+    which rounds twice)."""
+    return torch.full_like(t, c) / t
+
+
 def _f32(v: float) -> float:
     """A constant rounded to float32, as C computes it."""
     return float(np.float32(v))
@@ -283,7 +289,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     sum_x = _seqsum(w * x)
     flat = xmax == xmin
     one = torch.ones_like(xmax)
-    iscale = nmax / torch.where(flat, one, xmax - xmin)
+    iscale = _over(nmax, torch.where(flat, one, xmax - xmin))
     scale = 1 / iscale
     L = (x - xmin).mul_(iscale).round_().clamp_(0, nmax)
     diff = (L * scale).add_(xmin).sub_(x)
@@ -291,7 +297,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     for step in range(nstep + 1):
         grid = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + nmax)
         span = xmax - xmin
-        iscale = grid / torch.where(span == 0, one, span)
+        iscale = _over(grid, torch.where(span == 0, one, span))
         laux = (x - xmin).mul_(iscale).round_().clamp_(0, nmax)
         wl = w * laux
         sum_l, sum_l2 = _seqsum(wl), _seqsum(wl * laux)
@@ -324,14 +330,14 @@ def _nearest_uint8(v: torch.Tensor) -> torch.Tensor:
 def _quantize_q4_k(blocks):
     nb = blocks.shape[0]
     x = blocks.reshape(nb * 8, 32).t().contiguous()               # [32, S]: sub-blocks in columns
-    av = torch.sqrt(_seqsum(x * x) / 32)
+    av = (_seqsum(x * x) / 32).double().sqrt().float()  # torch's float32 sqrt is not always correctly rounded
     w = av + x.abs()
     L, scales, mins = _make_qkx2_quants(x, w, 15, -1.0, 0.1, 20)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0)
     max_min = mins.amax(dim=1, keepdim=True).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1), 0)
+    inv_scale = torch.where(max_scale > 0, _over(63, torch.where(max_scale > 0, max_scale, 1)), 0)
+    inv_min = torch.where(max_min > 0, _over(63, torch.where(max_min > 0, max_min, 1)), 0)
     ls = _nearest_uint8(inv_scale * scales).clamp(max=63)
     lm = _nearest_uint8(inv_min * mins).clamp(max=63)
     packed = torch.zeros(nb, 12, dtype=torch.int64)
@@ -364,7 +370,7 @@ def _make_qx_quants(x, nmax: int):
         l = torch.round(iscale * x).clamp(-nmax, nmax - 1)
         return l, _seqsum(w * x * l), _seqsum(w * l * l)
 
-    iscale = -nmax / xmax_safe
+    iscale = _over(-nmax, xmax_safe)
     l, sumlx, suml2 = grid(iscale)
     L = l + nmax
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1), 0)
@@ -372,7 +378,7 @@ def _make_qx_quants(x, nmax: int):
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = -_f32(nmax + _f32(_f32(0.1) * step)) / xmax_safe
+        iscale = _over(-_f32(nmax + _f32(_f32(0.1) * step)), xmax_safe)
         l, sumlx, suml2 = grid(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         L = torch.where(better, l + nmax, L)
@@ -395,7 +401,7 @@ def _quantize_q6_k(blocks):
     max_abs, where = abs_scales.max(dim=1)
     max_scale = scales.gather(1, where[:, None])[:, 0]
     zero = max_abs < GROUP_MAX_EPS
-    iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+    iscale = _over(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
     d_half = torch.where(zero, torch.zeros_like(iscale), 1 / iscale)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc).to(torch.int8)
