@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megrez import LLM, SamplingParams
-from megrez.loading import CheckpointError, load_model
+from megrez.loading import load_model
+from megrez.models import ConfigError
 from megrez.quant.formats import QType, QuantTensor
 from megrez.quant.modules import QuantEmbedding, QuantExpertBank, QuantLinear, quant_tensors
 from megrez.quant.recipe import tensor_types, use_more_bits
@@ -105,7 +106,7 @@ def test_checkpoint_quantized_by_another_tool_is_refused(tiny_moe, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quantization_config.*gptq"):
+    with pytest.raises(ConfigError, match="quantization_config.*gptq"):
         load_model(d)
     from megrez.cli import main
 

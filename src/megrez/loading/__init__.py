@@ -19,10 +19,10 @@ from .common import (
                      resolve_dtype,
                      resolve_model_path,
 )
-from .model import check_quantization_config, load_model, load_weights, materialize
+from .model import load_model, load_weights, materialize
 from .safetensors import INDEX_NAME, WEIGHTS_NAME, SafetensorsFile, checkpoint_shards, model_config, save_model
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "resolve_model_path", "read_json",
            "checkpoint_shards", "resolve_device", "resolve_dtype", "atomic_directory", "materialize", "load_weights",
            "model_config", "SafetensorsFile", "DTYPES", "TOKENIZER_FILES", "WEIGHTS_NAME", "INDEX_NAME",
-           "available_host_memory", "check_quantization_config"]
+           "available_host_memory"]

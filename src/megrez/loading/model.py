@@ -68,7 +68,6 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
         return _load_gguf(path, device, dtype, progress, expert_device, quantization, **overrides)
     config = read_json(path / "config.json")
     source = str(path / "config.json")
-    check_quantization_config(config, source)
     device = resolve_device(device)
     auto = dtype in (None, "auto")
     dtype = resolve_dtype(dtype, config, device)
@@ -112,17 +111,6 @@ def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization,
     model.hf_config = ckpt.config
     model.eval().requires_grad_(False)
     return model
-
-
-def check_quantization_config(config: dict, source: str) -> None:
-    """A checkpoint that says its weights are quantized (GPTQ, AWQ, FP8, bitsandbytes, ...) holds
-    tensors this loader would misread: refuse it by name instead of producing garbage."""
-    qc = config.get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else qc
-        raise CheckpointError(f"{source}: unsupported 'quantization_config' (quant_method {method!r}): this engine "
-                              f"loads float checkpoints (and GGUF files) and quantizes them itself "
-                              f"(--quantization q8_0|q4_0|q4_k_m); use the unquantized checkpoint")
 
 
 def _fit_host_memory(model, config: dict) -> torch.dtype:
