@@ -210,3 +210,16 @@ def test_32_streams_with_shared_prefixes_equal_uncached_solo_runs(live, tiny_moe
                                 ignore_eos=True)
         assert text == solo.chat(req["messages"], params).text, f"request with seed {req['seed']} differs"
     assert not math.isnan(live.metrics()["megrez_prefix_cache_hit_ratio"])
+
+
+def test_root_tokenizer_routes_as_vllm_serves_them(live):
+    """lm-evaluation-harness's remote tokenizer uses /tokenizer_info, /tokenize and /detokenize."""
+    info = httpx.get(live.url + "/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] == live.tokenizer.eos_token and info["model_max_length"] == MAX_LEN
+    assert info["chat_template"] == live.tokenizer.chat_template and info["vocab_size"] == live.tokenizer.vocab_size
+    assert sorted(live.tokenizer.stop_token_ids) == info["stop_token_ids"]
+    body = {"prompt": "test", "add_special_tokens": False}
+    assert post(live, "/tokenize", body) == post(live, "/v1/tokenize", body)
+    ids = post(live, "/tokenize", body)["tokens"]
+    assert post(live, "/detokenize", {"tokens": ids}) == {"prompt": "test"}
+    assert httpx.get(live.url + "/tokenizer_info").status_code == 401

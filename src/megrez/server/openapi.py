@@ -172,6 +172,13 @@ def _response_schemas() -> dict:
             "tokens": {"type": "array", "items": {"type": "integer"}}, "count": {"type": "integer"},
             "max_model_len": {"type": "integer"}}},
         "DetokenizeResponse": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        "TokenizerInfo": {"type": "object", "required": ["eos_token", "chat_template", "model_max_length"],
+                          "properties": {"eos_token": {"type": ["string", "null"]},
+                                         "bos_token": {"type": ["string", "null"]},
+                                         "pad_token": {"type": ["string", "null"]},
+                                         "chat_template": {"type": "string"}, "model_max_length": {"type": "integer"},
+                                         "vocab_size": {"type": "integer"},
+                                         "stop_token_ids": {"type": "array", "items": {"type": "integer"}}}},
         "Model": {"type": "object", "required": ["id", "object"], "properties": {
             "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
             "owned_by": {"type": "string"}, "max_model_len": {"type": "integer"}}},
@@ -222,6 +229,8 @@ def document(model_names: list[str], limits: Limits, vocab: int, max_model_len: 
         "/v1/tokenize": _post("Token ids of a text or a rendered chat", "TokenizeRequest", "TokenizeResponse",
                               False, auth),
         "/v1/detokenize": _post("Text of token ids", "DetokenizeRequest", "DetokenizeResponse", False, auth),
+        "/tokenizer_info": {"get": get("The tokenizer's special tokens, chat template and context",
+                                       "TokenizerInfo", secured=True)},
         "/v1/models": {"get": get("The served models", "ModelList", secured=True)},
         "/v1/models/{model}": {"get": {**get("One served model", "Model", secured=True), "parameters": [
             {"name": "model", "in": "path", "required": True,
