@@ -1,7 +1,8 @@
 """schemathesis against /openapi.json: whatever a client sends, no answer is a 5xx.
 
-Bounded (a fixed number of examples per route, a short context, deterministic generation)
-so it runs in well under a minute; ``benchmarks/fuzz_api.py`` runs every check for longer.
+Bounded (a fixed number of examples per route, a short context, deterministic generation),
+so it takes about a minute; docs/serving.md gives the command for a longer run with every
+check.
 
     PYTHONPATH=src python -m pytest -q tests/test_server_fuzz.py
 """
