@@ -14,44 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+import serve_process
 
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(src: Path, a) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, "-m", "megrez.cli", "serve", "--model", a.model, "--port", str(port), "--threads",
-           str(a.threads), "--log-level", "warning", "--max-num-seqs", str(a.max_num_seqs), "--max-model-len",
-           str(a.max_model_len), *a.server_flag]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server from {src} exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"server from {src} did not start")
+    return serve_process.start(["--model", a.model, "--threads", str(a.threads), "--log-level", "warning",
+                                "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(a.max_model_len),
+                                *a.server_flag], src=str(src))
 
 
 def load(url: str, concurrency: int, a) -> dict:
@@ -87,8 +63,7 @@ def main(argv=None) -> int:
                     runs[name][c].append(load(servers[name][1], c, a))
     finally:
         for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+            serve_process.stop(proc)
     rows = []
     print(f"{'conc':>4s} {'base tok/s':>11s} {'new tok/s':>10s} {'ratio':>7s} {'base TTFT p50':>14s} "
           f"{'new TTFT p50':>13s} {'errors':>7s}")

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import serve_process
 
 # (verse opening, its continuation): King James Bible, public domain.
 VERSES = [
@@ -113,32 +111,6 @@ def write_tasks(root: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(a, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "megrez.cli", "serve", "--port", str(port), "--log-level", "warning",
-           "--served-model-name", "megrez", "--threads", str(a.threads)]
-    if a.model:
-        cmd += ["--model", a.model]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"megrez serve exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("megrez serve did not become healthy")
-
-
 def engine_loglikelihoods(a, requests: list[tuple[list[int], list[int]]]) -> tuple[list[float], list[float]]:
     """(prompt-logprob path of the engine, plain cache-free forward) for each (context, continuation)."""
     import torch
@@ -188,20 +160,19 @@ def main(argv=None) -> int:
     a.model = a.model or str(default_model())
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="megrez-lm-eval-"))
     tasks = write_tasks(out / "tasks")
-    port = free_port()
-    server = start_server(a, port)
+    server, url = serve_process.start(["--log-level", "warning", "--served-model-name", "megrez", "--threads",
+                                       str(a.threads), "--model", a.model])
     try:
         t = time.perf_counter()
         results = simple_evaluate(
             model="local-completions",
-            model_args=f"model=megrez,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=remote,"
+            model_args=f"model=megrez,base_url={url}/v1/completions,tokenizer_backend=remote,"
                        f"max_length=1024,num_concurrent=1,max_retries=1",
             tasks=["megrez_kjv_mc", "megrez_poem_gen"], task_manager=TaskManager(include_path=str(tasks)),
             log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         seconds = time.perf_counter() - t
     finally:
-        server.terminate()
-        server.wait(30)
+        serve_process.stop(server)
     scores = {task: {k: v for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k}
               for task, r in results["results"].items()}
     tok = Tokenizer(a.model)

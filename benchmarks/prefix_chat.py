@@ -17,45 +17,24 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+import serve_process
 
 WORDS = ("the model answers questions about language code numbers and the quick brown fox jumps over a lazy "
          "dog while experts share layers across the network of routed and shared experts").split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(a, caching: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "megrez.cli", "serve", "--model", a.model, "--port", str(port), "--threads",
-           str(a.threads), "--log-level", "warning", "--max-num-seqs", "4", "--served-model-name", "m"]
+    flags = ["--model", a.model, "--threads", str(a.threads), "--log-level", "warning", "--max-num-seqs", "4",
+             "--served-model-name", "m"]
     if a.max_model_len:
-        cmd += ["--max-model-len", str(a.max_model_len)]
-    if not caching:
-        cmd.append("--no-prefix-caching")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"megrez serve exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not start")
+        flags += ["--max-model-len", str(a.max_model_len)]
+    return serve_process.start(flags if caching else flags + ["--no-prefix-caching"])
 
 
 def system_prompt(client: httpx.Client, url: str, tokens: int, rng: random.Random) -> str:
@@ -129,8 +108,7 @@ def main(argv=None) -> int:
                                                    json={"messages": convs["cached"][:-1]}).json()["count"]
     finally:
         for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+            serve_process.stop(proc)
     rows = []
     print(f"{'turn':>4s} {'prompt':>7s} {'cached':>7s} {'TTFT cached (ms)':>17s} {'TTFT uncached (ms)':>19s} "
           f"{'ratio':>7s}")
