@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import timing
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -83,8 +84,8 @@ class LiveServer:
 
 
 def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = timing.Deadline(timeout)
+    while not deadline.expired():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
         try:
@@ -97,10 +98,7 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.01)
+    timing.wait_until(condition, timeout, interval=0.01, message="timed out waiting for the server")
 
 
 @pytest.fixture(scope="module")
@@ -648,7 +646,7 @@ def serve_process(model_dir, *flags, env=None):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(20)
+            proc.wait(timing.Deadline(20).remaining())
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -691,12 +689,30 @@ def test_serve_rejects_bad_flags(tiny_dir, capsys):
 
 
 def test_load_benchmark_runs_against_the_server(live):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
-                           "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
+                       "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"], timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["errors"] == 0 and summary["requests"] >= 4
     assert summary["output_tokens"] == 8 * summary["requests"]
     assert 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
     assert "TTFT" in proc.stdout
+
+
+def test_load_benchmark_without_the_key_says_so(live):
+    env = {k: v for k, v in os.environ.items() if k != "MEGREZ_API_KEY"}
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--duration", "1"],
+                      timeout=60, env=env)
+    assert proc.returncode == 2 and "requires an API key" in proc.stderr and "--api-key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist: the port is checked first, so that is the error reported.
+        r = timing.run([sys.executable, "-m", "megrez.cli", "serve", "--model", "/no/such/model", "--port", str(port)],
+                       timeout=60)
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in r.stderr

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .engine import Engine, SamplingParams
+from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
@@ -123,14 +123,21 @@ class LLM:
         return self._stream(self.tokenizer.encode_chat(messages, **template_kwargs), params)
 
     def _stream(self, ids: list[int], params) -> Iterator[str]:
+        for out in self.stream_outputs(ids, params):
+            if out.new_text:
+                yield out.new_text
+
+    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Every engine step's output for one request (token ids, text delta, finish reason),
+        text or not, so a caller can stop between any two steps. Closing the iterator early
+        cancels the request and frees its cache slot."""
         req = self.engine.add_request(ids, params)
         self.last_request = req
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id == req.request_id:
-                        if out.new_text:
-                            yield out.new_text
+                        yield out
                         if out.finished:
                             return
         finally:

@@ -8,7 +8,9 @@ process list). FastAPI and uvicorn are imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 from .protocol import Limits
@@ -35,7 +37,7 @@ def register(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -50,7 +52,8 @@ def register(sub) -> None:
                    help="seconds a client has to send its request body (default 60; then 408)")
     g.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="on SIGTERM/Ctrl-C, seconds open requests get to finish before they are ended (default 5)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     g = p.add_argument_group("per-request limits")
     g.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
                    help=f"tokens one request may generate over all its choices (default {Limits.max_request_tokens}"
@@ -73,15 +76,36 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use is reported at
+    once (uvicorn serves on this very socket: nothing can take the port in between)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (another server?); stop it or pick "
+                             f"another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
-    from ..cli import make_llm
+    from ..cli import announce_template, make_llm
 
     for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "block_size"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
                    prefill_chunk=a.prefill_chunk, block_size=a.block_size, enable_prefix_caching=a.prefix_caching)
+    announce_template(llm)
     return llm.path, llm.engine
 
 
@@ -107,16 +131,22 @@ def cmd_serve(a) -> int:
         from .app import create_app
         from .http import make_server
     except ModuleNotFoundError as e:
-        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); "
-                         f"install them with: pip install 'megrez[serve]'") from None
+        raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); install them with "
+                         f"scripts/setup.sh serve, or pip install -e '.[serve]' in the megrez checkout") from None
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
     names = a.served_model_name or [a.model if a.model is not None else "megrez"]
     config = server_config(a, names, api_key)  # bad flags fail before the model loads
-    path, engine = build_engine(a)
+    sock = bind(a.host, a.port)
+    try:
+        path, engine = build_engine(a)
+    except BaseException:
+        sock.close()
+        raise
+    a.port = sock.getsockname()[1]  # the port the system chose for --port 0
     if a.served_model_name is None and a.model is None:
-        config.served_model_names = [path.name]
+        config.served_model_names = names = [path.name]
     app = create_app(engine, config)
     print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
           f"(up to {engine.max_num_seqs} sequences of up to {engine.max_model_len} tokens; "
@@ -126,5 +156,5 @@ def cmd_serve(a) -> int:
           file=sys.stderr, flush=True)
     make_server(app, a.host, a.port, log_level=a.log_level, header_timeout=a.header_timeout,
                 max_header_bytes=a.max_header_bytes, shutdown_timeout=a.shutdown_timeout,
-                on_drain=app.state.server.drain).run()
+                on_drain=app.state.server.drain).run(sockets=[sock])
     return 0
