@@ -307,8 +307,9 @@ class Engine:
                 hits, parent = [], self.blocks.root(req.cache_salt)
             else:
                 hits, parent = self.blocks.longest_prefix(tokens, req.cache_salt)
-            if any(_computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
-                continue
+                if self.blocks.enable_prefix_caching and any(
+                        _computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
+                    continue
             need = self.blocks.blocks_for(len(tokens)) - len(hits)
             if need > self.blocks.available_with(hits):
                 break  # first come, first served: nobody overtakes a request that does not fit
