@@ -3,7 +3,7 @@
     megrez generate "你好" --model DIR_OR_HUB_ID       one completion (chat template applied)
     megrez chat --model DIR_OR_HUB_ID                 interactive, streaming; /reset, /exit
     megrez info DIR_OR_HUB_ID                         layer layout, parameters, memory
-    megrez create-tiny OUT --arch moe|dense           a small random checkpoint
+    megrez create-tiny OUT --arch moe|dense|omni      a small random checkpoint
 
 Without ``--model``, the default model is used (see ``megrez.llm.default_model``).
 """
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-tiny", help="write a small random checkpoint in the official format")
     p.add_argument("out", help="output directory")
-    p.add_argument("--arch", default="moe", choices=["moe", "dense"])
+    p.add_argument("--arch", default="moe", choices=["moe", "dense", "omni"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_create_tiny)

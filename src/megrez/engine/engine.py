@@ -51,6 +51,9 @@ class Request:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    # (position, [n, hidden] vectors): rows of the prompt's token embeddings to overwrite
+    # (image and audio features of multimodal prompts); shared, never modified.
+    embeddings: list | None = None
 
     @property
     def history_ids(self) -> list[int]:
@@ -102,7 +105,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, embeddings: list | None = None) -> Request:
+        """Queue a prompt. ``embeddings`` is a list of ``(position, vectors [n, hidden])``:
+        prefill uses those vectors in place of the token embeddings of prompt positions
+        ``position .. position + n - 1`` (multimodal features)."""
         params = (params or SamplingParams()).with_defaults(self.generation_config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -117,6 +123,11 @@ class Engine:
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}")
+        for pos, vec in embeddings or []:
+            if not (vec.dim() == 2 and vec.shape[1] == self.model.args.hidden_size and 0 <= pos
+                    and pos + vec.shape[0] <= n):
+                raise ValueError(f"embeddings at position {pos} with shape {list(vec.shape)} do not fit a prompt "
+                                 f"of {n} tokens and hidden size {self.model.args.hidden_size}")
         with self._lock:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"waiting queue is full ({self.max_waiting} requests)")
@@ -124,7 +135,8 @@ class Engine:
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer() if self.tokenizer else _NoText())
+                          self.tokenizer.detokenizer() if self.tokenizer else _NoText(),
+                          embeddings=list(embeddings) if embeddings else None)
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -197,11 +209,29 @@ class Engine:
             chunk = tokens[:, start:start + self.prefill_chunk]
             view = self.cache.view([start] * len(reqs), chunk.shape[1], slots)
             at = (last - start).clamp(0, chunk.shape[1] - 1)
-            chunk_logits = self.model(chunk, view, logits_at=at).float()
+            embeds = self._chunk_embeddings(reqs, chunk, start)
+            if embeds is None:
+                chunk_logits = self.model(chunk, view, logits_at=at).float()
+            else:
+                chunk_logits = self.model(None, view, input_embeddings=embeds, logits_at=at).float()
             ends_here = (last >= start) & (last < start + chunk.shape[1])
             logits[ends_here] = chunk_logits[ends_here]
         self.stats["prompt_tokens"] += sum(lengths)
         return logits
+
+    def _chunk_embeddings(self, reqs: list[Request], chunk: torch.Tensor, start: int) -> torch.Tensor | None:
+        """Token embeddings of a prefill chunk with the requests' own vectors written over
+        their positions; None when no request of the batch brings any."""
+        if not any(r.embeddings for r in reqs):
+            return None
+        h = self.model.embed(chunk)
+        end = start + chunk.shape[1]
+        for b, r in enumerate(reqs):
+            for pos, vec in r.embeddings or []:
+                lo, hi = max(pos, start), min(pos + vec.shape[0], end)
+                if lo < hi:
+                    h[b, lo - start:hi - start] = vec[lo - pos:hi - pos].to(h.device, h.dtype)
+        return h
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
