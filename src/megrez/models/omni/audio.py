@@ -98,32 +98,41 @@ class AudioEncoder(nn.Module):
         self.audio_bos_eos_token = nn.Embedding(2, a.output_dim)
 
     def forward(self, mels: torch.Tensor, mel_lens: list[int]) -> list[torch.Tensor]:
-        """mels [B, n_mels, frames] (padded to a common length), valid mel frames per clip ->
-        one [n_tok + 2, output_dim] tensor per clip."""
+        """mels [B, n_mels, frames] (each padded to the same frame count), valid mel frames per
+        clip -> one [n_tok + 2, output_dim] tensor per clip.
+
+        Clips are encoded in groups of equal length. The official code batches all clips of a
+        prompt and crops them to the longest one, so a short clip's last frames see the next
+        mel frames instead of the convolution's zero padding: its result depends on the other
+        clips. Grouping keeps every clip's result its own (and equal to the official one for
+        a single clip)."""
+        out: list[torch.Tensor | None] = [None] * len(mel_lens)
+        for n in sorted(set(mel_lens)):
+            idx = [i for i, m in enumerate(mel_lens) if m == n]
+            for i, y in zip(idx, self._encode(mels[idx], n)):
+                out[i] = y
+        return out
+
+    def _encode(self, mels: torch.Tensor, mel_len: int) -> torch.Tensor:
         w = self.conv1.weight
-        lens = [encoder_lengths(n) for n in mel_lens]
-        longest = max(l_cnn for l_cnn, _ in lens)
-        if longest > self.args.n_ctx:
-            raise ValueError(f"audio clip of {max(mel_lens)} mel frames exceeds the encoder's {self.args.n_ctx} "
+        l_cnn, n_tok = encoder_lengths(mel_len)
+        if l_cnn > self.args.n_ctx:
+            raise ValueError(f"audio clip of {mel_len} mel frames exceeds the encoder's {self.args.n_ctx} "
                              f"positions (30 s); split it first")
-        # Only the first 2 * max(L_cnn) frames are used (one zero frame when a length is odd).
-        x = mels[:, :, : 2 * longest].to(w.device, w.dtype)
+        # Only the first 2 * L_cnn frames are used (one zero frame when the length is odd).
+        x = mels[:, :, : 2 * l_cnn].to(w.device, w.dtype)
+        if x.shape[2] < 2 * l_cnn:
+            x = F.pad(x, (0, 2 * l_cnn - x.shape[2]))
         x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T, D]
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, L_cnn, D]
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        mask = None
-        if len({l_cnn for l_cnn, _ in lens}) > 1:
-            pad = torch.arange(x.shape[1], device=x.device)[None, :] >= torch.tensor(
-                [l_cnn for l_cnn, _ in lens], device=x.device)[:, None]  # [B, T]
-            x = x.masked_fill(pad[..., None], 0.0)
-            mask = torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(pad, float("-inf"))
-            mask = mask[:, None, None, :]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, None)
         x = F.avg_pool1d(x.transpose(1, 2), 2, 2).transpose(1, 2)
-        x = self.proj(self.ln_post(x))
-        bos, eos = self.audio_bos_eos_token.weight[0:1], self.audio_bos_eos_token.weight[1:2]
-        return [torch.cat([bos, x[b, :n_tok], eos]) for b, (_, n_tok) in enumerate(lens)]
+        x = self.proj(self.ln_post(x))[:, :n_tok]
+        bos = self.audio_bos_eos_token.weight[0:1].expand(x.shape[0], 1, -1)
+        eos = self.audio_bos_eos_token.weight[1:2].expand(x.shape[0], 1, -1)
+        return torch.cat([bos, x, eos], dim=1)
 
 
 class AudioModule(nn.Module):
