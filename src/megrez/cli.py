@@ -127,13 +127,22 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
+    from .multimodal.chat import MediaQueue, default_omni_model
+
     params = sampling_from_args(a)
+    media = MediaQueue(a.image, a.audio)
+    if a.model is None and media:
+        a.model = default_omni_model()
     llm = make_llm(a)
+    if media and not media.supported(llm):
+        raise ValueError(f"--image/--audio need a Megrez-3B-Omni checkpoint; {llm.path} takes text only")
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
     if interactive:
-        print(f"megrez chat ({llm.path}); /reset clears the conversation, /exit quits", file=sys.stderr)
+        print(f"megrez chat ({llm.path}); /reset clears the conversation, /exit quits"
+              + ("; /image PATH and /audio PATH attach media to your next message" if media.supported(llm) else ""),
+              file=sys.stderr)
     while True:
         if interactive:
             try:
@@ -152,9 +161,12 @@ def cmd_chat(a) -> int:
             return 0
         if line == "/reset":
             history = []
+            media.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
+        if media.command(line):
+            continue
+        history.append({"role": "user", "content": media.content(line)})
         reply = []
         start = time.perf_counter()
         try:
@@ -164,6 +176,10 @@ def cmd_chat(a) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
+        except ValueError as e:  # a bad image or audio file: say so and keep the conversation
+            print(f"megrez: error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         report(llm, a, time.perf_counter() - start)
@@ -262,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat (streams; reads piped stdin line by line)")
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach an image to the first message (repeatable; Megrez-3B-Omni models; "
+                        "without --model: the bundled omni model)")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="attach an audio file (wav, flac, mp3, m4a, ...) to the first message (repeatable)")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)

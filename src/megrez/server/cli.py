@@ -40,6 +40,9 @@ def register(sub) -> None:
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
+    g.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="Megrez-3B-Omni: let image/audio content parts name local files under DIR (repeatable; "
+                        "default: only data: URLs and base64 audio; remote URLs are never fetched)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
@@ -77,7 +80,8 @@ def cmd_serve(a) -> int:
     path, engine = build_engine(a)
     names = a.served_model_name or [a.model if a.model is not None else path.name]
     app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
-                                          max_request_bytes=a.max_request_bytes))
+                                          max_request_bytes=a.max_request_bytes,
+                                          allowed_media_dirs=tuple(a.allowed_local_media_path)))
     print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
           f"({engine.max_num_seqs} sequences x {engine.max_model_len} tokens, "
           f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache; API key {'required' if api_key else 'not required'})",
