@@ -188,6 +188,8 @@ def load_messages(messages: list[dict], policy: MediaPolicy | None = None, scale
                 crops = slice_image(load_image(src, pwhere), scale_resolution, max_slice_nums, patch_size)
                 images.append(Media("image", pwhere, image=crops))
             else:
+                if n_mels is None:
+                    raise MediaError(f"{pwhere}: this model has no audio encoder (it takes images and text)")
                 feats = audio_features(load_audio(src, pwhere), n_mels)
                 audios.append(Media("audio", pwhere, audio=feats))
         text = "".join(IMAGE_MARKER + "\n" for _ in images)
@@ -333,8 +335,9 @@ def prepare_chat(model, tokenizer, messages: list[dict], policy: MediaPolicy | N
         raise MediaError(f"{first_media_part(messages)}: this model takes text only (images and audio need a "
                          f"Megrez-3B-Omni checkpoint, architectures ['MegrezO'])")
     omni = model.args.omni
+    n_mels = model.args.audio.n_mels if model.args.audio is not None else None
     msgs, media = load_messages(messages, policy, omni.scale_resolution, omni.max_slice_nums, omni.patch_size,
-                                model.args.audio.n_mels)
+                                n_mels)
     prompt = PromptBuilder(tokenizer, omni.query_num).build(msgs, media, **template_kwargs)
     if max_len is not None and len(prompt.token_ids) >= max_len:
         per = {}

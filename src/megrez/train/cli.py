@@ -128,6 +128,9 @@ def register(subparsers) -> None:
         sp = sub.add_parser(stage, help=text)
         add_train_args(sp)
         sp.set_defaults(func=cmd_train)
+    from .image_adapter import register as register_image_adapter
+
+    register_image_adapter(sub)
     sp = sub.add_parser("presets", help="list the named model sizes")
     sp.add_argument("--vocab-size", type=int, default=32768)
     sp.set_defaults(func=cmd_presets)

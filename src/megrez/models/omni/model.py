@@ -65,10 +65,12 @@ def parse_args(cfg: dict, source: str):
     vision = VisionArgs.from_dict(cfg["vision_config"], source)
     require(vision.patch_size == omni.patch_size, source, "patch_size", omni.patch_size,
             f"vision_config.patch_size={vision.patch_size}")
-    audio = AudioArgs.from_dict(cfg["audio_config"], source)
+    # ``audio_config: null`` (not in official checkpoints) makes an image-only model.
+    audio = AudioArgs.from_dict(cfg["audio_config"], source) if cfg["audio_config"] is not None else None
     text = _text_module(omni.llm_architecture).ModelArgs.from_dict(cfg, source)
-    require(audio.output_dim == text.hidden_size, f"{source} audio_config", "output_dim", audio.output_dim,
-            f"hidden_size={text.hidden_size}")
+    if audio is not None:
+        require(audio.output_dim == text.hidden_size, f"{source} audio_config", "output_dim", audio.output_dim,
+                f"hidden_size={text.hidden_size}")
     return text, omni, vision, audio
 
 
@@ -91,7 +93,7 @@ class Model(nn.Module):
         self.args = args
         self.llm = _text_module(args.omni.llm_architecture).Model(args)
         self.vision = VisionModule(args.vision, args.hidden_size, args.omni.query_num, args.omni.vision_batch_size)
-        self.audio = AudioModule(args.audio)
+        self.audio = AudioModule(args.audio) if args.audio is not None else None
 
     # The engine, loader and quantizer address the language model's parts directly.
     @property
@@ -124,12 +126,16 @@ class Model(nn.Module):
     @torch.no_grad()
     def encode_audio(self, mels: torch.Tensor, mel_lens: list[int]) -> list[torch.Tensor]:
         """Log-mel features [B, n_mels, frames] -> one [n_tok + 2, hidden] tensor per clip."""
+        if self.audio is None:
+            raise ValueError("this model has no audio encoder (its config.json has audio_config: null)")
         return self.audio(mels, mel_lens)
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_names(self) -> dict[str, tuple[str, int | None]]:
         names = {f"llm.{k}": (f"llm.{ours}", i) for k, (ours, i) in self.llm.checkpoint_names().items()}
         for prefix, module in (("vision", self.vision), ("audio", self.audio)):
+            if module is None:
+                continue
             for name, _ in module.named_parameters():
                 names[f"{prefix}.{name}"] = (f"{prefix}.{name}", None)
             for name, _ in module.named_buffers():
@@ -138,15 +144,15 @@ class Model(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         text = self.llm.parameter_counts()
-        towers = sum(p.numel() for p in self.vision.parameters()) + sum(p.numel() for p in self.audio.parameters())
-        return {"stored": text["stored"] + towers, "active": text["active"], "vision": sum(
-            p.numel() for p in self.vision.parameters()), "audio": sum(p.numel() for p in self.audio.parameters())}
+        vision = sum(p.numel() for p in self.vision.parameters())
+        audio = sum(p.numel() for p in self.audio.parameters()) if self.audio is not None else 0
+        return {"stored": text["stored"] + vision + audio, "active": text["active"], "vision": vision, "audio": audio}
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         self.llm.init_weights(std, generator)
         for tower in (self.vision, self.audio):
-            for module in tower.modules():
+            for module in tower.modules() if tower is not None else ():
                 for name, p in module.named_parameters(recurse=False):
                     if isinstance(module, nn.LayerNorm):
                         p.fill_(1.0 if name == "weight" else 0.0)
@@ -154,7 +160,9 @@ class Model(nn.Module):
                         p.zero_()
                     else:
                         p.normal_(0.0, std, generator=generator)
-        self.audio.audio.positional_embedding.copy_(whisper_sinusoids(*self.audio.audio.positional_embedding.shape))
+        if self.audio is not None:
+            pe = self.audio.audio.positional_embedding
+            pe.copy_(whisper_sinusoids(*pe.shape))
 
 
 def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
