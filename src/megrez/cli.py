@@ -201,7 +201,10 @@ def cmd_info(a) -> int:
     args = model.args
     counts = model.parameter_counts()
     print(f"model        {path}")
-    print(f"architecture {type(model).__module__.rsplit('.', 1)[-1]} ({', '.join(config.get('architectures') or [])})")
+    kind = getattr(type(model), "hf_architecture", (None, type(model).__module__.rsplit(".", 1)[-1]))[1]
+    print(f"architecture {kind} ({', '.join(config.get('architectures') or [])})")
+    if "vision" in counts:  # Megrez-3B-Omni: the encoders beside the language model
+        print(f"encoders     vision {_count(counts['vision'])}, audio {_count(counts['audio'])} parameters")
     print(f"hidden {args.hidden_size}, heads {args.num_attention_heads} (KV {args.num_key_value_heads}, "
           f"head_dim {args.head_dim}), vocab {args.vocab_size}, context {args.max_position_embeddings}, "
           f"rope_theta {args.rope_theta:g}")
