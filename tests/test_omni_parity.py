@@ -247,15 +247,12 @@ def test_whole_model_logits_and_greedy_tokens_match_float64_reference(tiny_omni,
     want_embeds = ref.fused_embeddings(sd64, cfg, ids, crops, [(mel.mels[0], mel.mel_lens[0])], tokens)
     want = ref.llm_logits(sd64, cfg, want_embeds)[-1]
 
-    req = llm.engine.add_request(ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-                                 embeddings=embeds)
-    llm.engine.waiting.remove(req)
-    req.slot = llm.engine.free_slots.pop()
-    with torch.no_grad():
-        mine = llm.engine._prefill([req])[0]
-    llm.engine._retire(req)
-    # Logits: products of 256-wide vectors after 2 layers; compare relative to their scale.
-    assert (mine.double() - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    from test_omni_inputs import first_logprobs
+
+    mine = first_logprobs(llm, ids, embeds)  # through the engine's prefill
+    want = want.log_softmax(-1)
+    # Log-probabilities of a 256-wide, 2-layer model; compared relative to their scale.
+    assert (mine - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert out.token_ids == ref.greedy(sd64, cfg, want_embeds, ids, 8, sd64["llm.model.embed_tokens.weight"])

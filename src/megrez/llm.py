@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .engine import Engine, SamplingParams
+from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
@@ -106,14 +106,15 @@ class LLM:
         encoded = [self.encode_conversation(c, **template_kwargs) for c in convs]
         return self._run([ids for ids, _ in encoded], plist, single, [e for _, e in encoded])
 
-    def encode_conversation(self, messages, **template_kwargs):
+    def encode_conversation(self, messages, check_length: bool = True, **template_kwargs):
         """(token ids, placeholder embeddings or None) of a conversation; images and audio
-        are encoded here."""
+        are encoded here (``check_length``: refuse media that leave no room in the context)."""
         from .multimodal.prompt import has_media, prepare_chat
 
         if not has_media(messages):
             return self.tokenizer.encode_chat(messages, **template_kwargs), None
-        ids, embeddings, _ = prepare_chat(self.model, self.tokenizer, messages, max_len=self.engine.max_model_len,
+        ids, embeddings, _ = prepare_chat(self.model, self.tokenizer, messages,
+                                          max_len=self.engine.max_model_len if check_length else None,
                                           **template_kwargs)
         return ids, embeddings
 
@@ -141,14 +142,22 @@ class LLM:
         return self._stream(ids, params, embeddings)
 
     def _stream(self, ids: list[int], params, embeddings=None) -> Iterator[str]:
+        for out in self.stream_outputs(ids, params, embeddings):
+            if out.new_text:
+                yield out.new_text
+
+    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None,
+                       embeddings=None) -> Iterator[RequestOutput]:
+        """Every engine step's output for one request (token ids, text delta, finish reason),
+        text or not, so a caller can stop between any two steps. Closing the iterator early
+        cancels the request and frees its cache slot."""
         req = self.engine.add_request(ids, params, embeddings=embeddings)
         self.last_request = req
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id == req.request_id:
-                        if out.new_text:
-                            yield out.new_text
+                        yield out
                         if out.finished:
                             return
         finally:

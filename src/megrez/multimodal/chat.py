@@ -1,9 +1,10 @@
-"""Images and audio in ``megrez chat``: ``--image``/``--audio`` and the in-chat ``/image PATH``,
-``/audio PATH`` commands queue files that are attached to the next message."""
+"""Images and audio in ``megrez chat``: ``--image``/``--audio`` and the ``/image FILE``,
+``/audio FILE`` commands attach files to the next message."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from ..chat import ChatSession, command
 
 
 def default_omni_model() -> str | None:
@@ -12,52 +13,34 @@ def default_omni_model() -> str | None:
     return str(shipped) if (shipped / "config.json").is_file() else None
 
 
-class MediaQueue:
-    def __init__(self, images=(), audios=()):
-        self.parts: list[dict] = []
-        for path in images or []:
-            self.add("image", path)
-        for path in audios or []:
-            self.add("audio", path)
+def media_part(kind: str, path: str, flag: str) -> dict:
+    path = str(Path(path.strip()).expanduser())
+    if not path:
+        raise ValueError(f"usage: {flag} FILE")
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    return {"type": kind, kind: path}
 
-    def __bool__(self) -> bool:
-        return bool(self.parts)
 
-    @staticmethod
-    def supported(llm) -> bool:
-        from .prompt import is_multimodal_model
+def media_parts(images=(), audios=()) -> list[dict]:
+    return [media_part("image", p, "--image") for p in images or []] + \
+        [media_part("audio", p, "--audio") for p in audios or []]
 
-        return is_multimodal_model(llm.model)
 
-    def add(self, kind: str, path: str) -> None:
-        path = str(Path(path).expanduser())
-        if not Path(path).is_file():
-            raise ValueError(f"--{kind} {path}: no such file")
-        self.parts.append({"type": kind, kind: path})
+def _attach(session: ChatSession, kind: str, arg: str) -> None:
+    from .prompt import is_multimodal_model
 
-    def clear(self) -> None:
-        self.parts = []
+    if not is_multimodal_model(session.llm.model):
+        raise ValueError(f"/{kind} needs a Megrez-3B-Omni checkpoint; this model takes text only")
+    session.pending_parts.append(media_part(kind, arg, f"/{kind}"))
+    session.notice(f"{kind} {arg.strip()} attached to your next message")
 
-    def command(self, line: str) -> bool:
-        """Handle ``/image PATH`` and ``/audio PATH``; True when the line was one."""
-        for kind in ("image", "audio"):
-            if line == f"/{kind}" or line.startswith(f"/{kind} "):
-                path = line[len(kind) + 1:].strip()
-                if not path:
-                    print(f"usage: /{kind} PATH", file=sys.stderr)
-                    return True
-                try:
-                    self.add(kind, path)
-                except ValueError as e:
-                    print(f"megrez: error: {str(e).replace('--', '/', 1)}", file=sys.stderr)
-                    return True
-                print(f"({kind} {path} attached to your next message)", file=sys.stderr)
-                return True
-        return False
 
-    def content(self, text: str):
-        """The next user message's content: queued media first, then the text."""
-        if not self.parts:
-            return text
-        parts, self.parts = self.parts + [{"type": "text", "text": text}], []
-        return parts
+@command("image", usage="/image FILE", help="attach an image to the next message (Megrez-3B-Omni)")
+def _image(session: ChatSession, arg: str) -> None:
+    _attach(session, "image", arg)
+
+
+@command("audio", usage="/audio FILE", help="attach an audio file to the next message (Megrez-3B-Omni)")
+def _audio(session: ChatSession, arg: str) -> None:
+    _attach(session, "audio", arg)
