@@ -47,6 +47,7 @@ def random_crop(h, w, seed):
 
 
 # ------------------------------------------------------------------------------------ vision
+@pytest.mark.slow
 def test_position_buckets_match_transformers_navit_for_every_grid():
     """Idefics2's navit embeddings are transformers' float32 implementation of the same
     bucketing; every crop grid up to the 70 x 70 table must get identical ids."""
@@ -62,6 +63,7 @@ def test_position_buckets_match_transformers_navit_for_every_grid():
             assert torch.equal(bucket_position_ids(h, w, 70), captured["ids"][0]), (h, w)
 
 
+@pytest.mark.slow
 def test_vision_full_crop_matches_siglip(omni):
     """A full-size square crop is plain SigLIP: ids 0..N-1, no padding. 980 px = 70 x 70 patches."""
     vcfg = omni.args.vision
@@ -169,6 +171,7 @@ def whisper_encoder(omni):
     return enc
 
 
+@pytest.mark.slow
 def test_audio_encoder_matches_transformers_whisper(omni):
     """A full 30 s window: transformers' WhisperEncoder up to its last block, then the Omni
     tail (x2 average pool, ln_post, projection, bos/eos) by hand."""
@@ -222,6 +225,7 @@ def make_image(w, h, seed):
     return PIL.fromarray(arr)
 
 
+@pytest.mark.slow
 def test_whole_model_logits_and_greedy_tokens_match_float64_reference(tiny_omni, omni, sd64, cfg, tmp_path):
     """One sliced image (1000 x 700: a source crop and a 2-row grid) and one audio clip in a
     prompt: the engine's prefill logits against the float64 reference built from token ids
