@@ -395,7 +395,7 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         if content is None and role not in ("assistant",):
             raise invalid(f"{where}.content", "required for this role")
         try:
-            text = text_content(content, f"{where}.content")
+            text = _media_parts(content, f"{where}.content") or text_content(content, f"{where}.content")
         except ValueError as e:  # the message already names the part
             raise APIError(400, str(e), param=f"{where}.content") from None
         name = m.get("name")
@@ -407,6 +407,27 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
             msg["name"] = name
         out.append(msg)
     return out
+
+
+MEDIA_PART_TYPES = ("image_url", "input_audio")
+
+
+def _media_parts(content, where: str) -> list | None:
+    """Content with image_url / input_audio parts stays a list of parts (read and checked by
+    ``megrez.multimodal.prompt`` when the prompt is built); None for text-only content."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES
+                                                 for p in content):
+        return None
+    for n, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}[{n}]: expected an object, got {_json_type(part)}")
+        kind = part.get("type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{n}].text: expected a string")
+        if kind not in ("text",) + MEDIA_PART_TYPES:
+            raise ValueError(f"{where}[{n}]: unsupported content part type {kind!r} "
+                             f"(expected text, image_url or input_audio)")
+    return content
 
 
 def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
