@@ -688,13 +688,16 @@ INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
 #endif
 
 #if defined(MZ_AVX2) || defined(MZ_AVX512)
-#define ROWS_CASE(F, MC) case MC: F##_rows(w, x, MC, nb, out); return;
-#define ROWS_SWITCH(F)                                                                          \
-    static void F##_dispatch(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) { \
-        switch (mc) {                                                                           \
-            ROWS_CASE(F, 1) ROWS_CASE(F, 2) ROWS_CASE(F, 3) ROWS_CASE(F, 4)                     \
-            ROWS_MORE(F)                                                                        \
-        }                                                                                       \
+/* out[r * mc + m] = W[r] . x[m] for the nr consecutive rows of W from w (row bytes rb). */
+#define ROWS_CASE(F, MC) \
+    case MC: for (int64_t r = 0; r < nr; ++r) F##_rows(w + r * rb, x, MC, nb, out + r * MC); return;
+#define ROWS_SWITCH(F)                                                                                    \
+    static void F##_dispatch(const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t nb, \
+                             float *out) {                                                                \
+        switch (mc) {                                                                                     \
+            ROWS_CASE(F, 1) ROWS_CASE(F, 2) ROWS_CASE(F, 3) ROWS_CASE(F, 4)                               \
+            ROWS_MORE(F)                                                                                  \
+        }                                                                                                 \
     }
 #if ROWS_MAX == 8
 #define ROWS_MORE(F) ROWS_CASE(F, 5) ROWS_CASE(F, 6) ROWS_CASE(F, 7) ROWS_CASE(F, 8)
@@ -707,20 +710,23 @@ ROWS_SWITCH(q5_0)
 ROWS_SWITCH(q4_k)
 ROWS_SWITCH(q6_k)
 
-/* out[m] = W_row . x[m], m < mc <= ROWS_MAX */
-static void rows_dot(int qtype, const uint8_t *w, const act *x, int mc, int64_t k, float *out) {
+/* out[r * mc + m] = W[r] . x[m] for nr consecutive rows of W, m < mc <= ROWS_MAX */
+static void rows_dot(int qtype, const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t k,
+                     float *out) {
     switch (qtype) {
-        case QT_Q8_0: q8_0_dispatch(w, x, mc, k / 32, out); return;
-        case QT_Q4_0: q4_0_dispatch(w, x, mc, k / 32, out); return;
-        case QT_Q5_0: q5_0_dispatch(w, x, mc, k / 32, out); return;
-        case QT_Q4_K: q4_k_dispatch(w, x, mc, k / 256, out); return;
-        default: q6_k_dispatch(w, x, mc, k / 256, out); return;
+        case QT_Q8_0: q8_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q4_0: q4_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q5_0: q5_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q4_K: q4_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
+        default: q6_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
     }
 }
 #else
 #define ROWS_MAX 1
-static void rows_dot(int qtype, const uint8_t *w, const act *x, int mc, int64_t k, float *out) {
-    for (int m = 0; m < mc; ++m) out[m] = dot_ref(qtype, w, &x[m], k);
+static void rows_dot(int qtype, const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t k,
+                     float *out) {
+    for (int64_t r = 0; r < nr; ++r)
+        for (int m = 0; m < mc; ++m) out[r * mc + m] = dot_ref(qtype, w + r * rb, &x[m], k);
 }
 #endif
 
@@ -769,25 +775,24 @@ static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, i
 
 /* Rows of W per work item: one for few rows of x (fine-grained parallelism), more when x is
  * long, so that a tile of W stays in cache while all of x passes over it. */
-static inline int64_t tile_rows(int64_t m) { return m <= MAX_ROWS ? 4 : 16; }
+static inline int64_t tile_rows(int64_t m) { return m <= MAX_ROWS ? 8 : 16; } /* <= TILE_MAX */
+
+#define TILE_MAX 16
 
 static void run_tile(const mz_product *p, const act_slot *s, int64_t n0) {
     int64_t n1 = n0 + tile_rows(p->m);
     if (n1 > p->n) n1 = p->n;
-    int64_t rb = bytes_of(p->qtype) * (p->k / block_of(p->qtype));
+    int64_t rb = bytes_of(p->qtype) * (p->k / block_of(p->qtype)), nr = n1 - n0;
     act x[ROWS_MAX];
-    float a[ROWS_MAX], b[ROWS_MAX];
+    float a[TILE_MAX * ROWS_MAX], b[TILE_MAX * ROWS_MAX];
     for (int64_t m0 = 0; m0 < p->m; m0 += ROWS_MAX) {
         int mc = (int)(p->m - m0 < ROWS_MAX ? p->m - m0 : ROWS_MAX);
         for (int m = 0; m < mc; ++m) x[m] = act_row(s, m0 + m);
-        for (int64_t n = n0; n < n1; ++n) {
-            rows_dot(p->qtype, p->w1 + n * rb, x, mc, p->k, a);
-            if (p->swiglu) {
-                rows_dot(p->qtype, p->w2 + n * rb, x, mc, p->k, b);
-                for (int m = 0; m < mc; ++m) p->y[(m0 + m) * p->n + n] = silu(a[m]) * b[m];
-            } else {
-                for (int m = 0; m < mc; ++m) p->y[(m0 + m) * p->n + n] = a[m];
-            }
+        rows_dot(p->qtype, p->w1 + n0 * rb, rb, nr, x, mc, p->k, a);
+        if (p->swiglu) rows_dot(p->qtype, p->w2 + n0 * rb, rb, nr, x, mc, p->k, b);
+        for (int m = 0; m < mc; ++m) {
+            float *y = p->y + (m0 + m) * p->n + n0;
+            for (int64_t r = 0; r < nr; ++r) y[r] = p->swiglu ? silu(a[r * mc + m]) * b[r * mc + m] : a[r * mc + m];
         }
     }
 }
