@@ -66,6 +66,8 @@ typedef struct {
     const int8_t *q;  /* [k] */
     const float *d;   /* [k / block]: scale per 32 (Q8_0, Q4_0) or per 256 (K formats) */
     const int16_t *s; /* [k / 16]: sum of each 16 quantized values */
+    const float *d8;  /* 32-wide formats: [k / 4], each block's scale 8 times (AVX-512 loads two
+                       * blocks' lane scales at once); NULL for the K formats */
 } act;
 
 static inline float fp16_to_f32(const uint8_t *p) {
@@ -427,11 +429,12 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
         __m512i qw = join256(loadu(b0 + 2), loadu(b1 + 2));
         __m512i aw = _mm512_abs_epi8(qw);
         __mmask64 neg = _mm512_movepi8_mask(qw);
-        float d0 = h2f(b0), d1 = h2f(b1);
+        __m512 dw = join_ps(h2f(b0), h2f(b1));
         for (int m = 0; m < mc; ++m) {
             __m512i qx = _mm512_loadu_si512((const void *)(x[m].q + 32 * i));
             __m512i t = dot_u8s8_512(aw, _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), join_ps(d0 * x[m].d[i], d1 * x[m].d[i + 1]), acc[m]);
+            __m512 sc = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d8 + 8 * i)); /* d_w * d_x per lane, as scalar */
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[m]);
         }
     }
     for (int m = 0; m < mc; ++m) {
@@ -456,14 +459,14 @@ INLINE void q4_0_family_rows(const uint8_t *w, const act *x, int mc, int64_t nb,
     for (; i + 1 < nb; i += 2) {
         const uint8_t *b0 = w + bb * i, *b1 = b0 + bb;
         __m512i q = five ? join256(q5_0_unpack(b0), q5_0_unpack(b1)) : join256(q4_0_unpack(b0 + 2), q4_0_unpack(b1 + 2));
-        float d0 = h2f(b0), d1 = h2f(b1);
+        __m512 dw = join_ps(h2f(b0), h2f(b1));
         for (int m = 0; m < mc; ++m) {
             const int16_t *s = x[m].s + 2 * i;
             __m512i t = dot_u8s8_512(q, _mm512_loadu_si512((const void *)(x[m].q + 32 * i)));
             __m512i corr = _mm512_setr_epi32(off * (s[0] + s[1]), 0, 0, 0, 0, 0, 0, 0, off * (s[2] + s[3]), 0, 0,
                                              0, 0, 0, 0, 0);
             t = _mm512_sub_epi32(t, corr);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), join_ps(d0 * x[m].d[i], d1 * x[m].d[i + 1]), acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d8 + 8 * i)), acc[m]);
         }
     }
     for (int m = 0; m < mc; ++m) {
@@ -740,12 +743,13 @@ typedef struct {
     int64_t m, k;
     int bs;
     uint8_t *base;
-    int64_t stride, q_bytes, d_bytes;
+    int64_t stride, q_bytes, d_bytes, s_bytes, d8_bytes;
 } act_slot;
 
 static inline act act_row(const act_slot *s, int64_t r) {
     const uint8_t *p = s->base + r * s->stride;
-    act a = {(const int8_t *)p, (const float *)(p + s->q_bytes), (const int16_t *)(p + s->q_bytes + s->d_bytes)};
+    act a = {(const int8_t *)p, (const float *)(p + s->q_bytes), (const int16_t *)(p + s->q_bytes + s->d_bytes),
+             s->d8_bytes ? (const float *)(p + s->q_bytes + s->d_bytes + s->s_bytes) : NULL};
     return a;
 }
 
@@ -764,7 +768,9 @@ static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, i
             s->x = p[i].x, s->m = p[i].m, s->k = p[i].k, s->bs = bs;
             s->q_bytes = ALIGN64(s->k);
             s->d_bytes = ALIGN64(4 * (s->k / bs));
-            s->stride = s->q_bytes + s->d_bytes + ALIGN64(2 * (s->k / 16));
+            s->s_bytes = ALIGN64(2 * (s->k / 16));
+            s->d8_bytes = bs == 32 ? ALIGN64(4 * (s->k / 4)) : 0;
+            s->stride = s->q_bytes + s->d_bytes + s->s_bytes + s->d8_bytes;
             s->base = (uint8_t *)(intptr_t)*bytes; /* offset until the buffer exists */
             *bytes += s->stride * s->m;
         }
@@ -819,6 +825,12 @@ static void run_stage(int64_t count, const mz_product *p, act_slot *slots, int64
         uint8_t *base = s->base + rr * s->stride;
         quantize_row(s->x + rr * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
                      (int16_t *)(base + s->q_bytes + s->d_bytes));
+        if (s->d8_bytes) {
+            const float *d = (const float *)(base + s->q_bytes);
+            float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
+            for (int64_t b = 0; b < s->k / 32; ++b)
+                for (int l = 0; l < 8; ++l) d8[8 * b + l] = d[b];
+        }
     }
     /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its
      * share; each tile is still computed by one thread in the one order, so results do not
@@ -886,7 +898,7 @@ int megrez_q_reference(const mz_product *p) {
     if (!q || !d || !s) return free(q), free(d), free(s), -2;
     for (int64_t m = 0; m < p->m; ++m) {
         quantize_row(p->x + m * p->k, p->k, bs, q, d, s);
-        act a = {q, d, s};
+        act a = {q, d, s, NULL};
         for (int64_t n = 0; n < p->n; ++n) {
             float v = dot_ref(p->qtype, p->w1 + n * rb, &a, p->k);
             p->y[m * p->n + n] = p->swiglu ? silu(v) * dot_ref(p->qtype, p->w2 + n * rb, &a, p->k) : v;
