@@ -310,3 +310,15 @@ def test_a_variant_the_cpu_cannot_run_is_refused_clearly():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MEGREZ_CPU_VARIANT": "avx1024"},
                          capture_output=True, text=True, check=True)
     assert "unknown CPU kernel variant 'avx1024'" in out.stdout
+
+
+def test_non_finite_activations_are_not_hidden(libs):
+    """A NaN or an infinity in x makes the products it enters NaN or infinite, as in float math,
+    instead of vanishing in the 8-bit rounding."""
+    for qtype in FORMATS:
+        w = random_weight(qtype, 8, 512, seed=12)
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(13))
+        x[0, 5], x[1, 300] = float("nan"), float("inf")
+        for name, lib in libs.items():
+            y = run(lib, x, w)
+            assert y[0].isnan().all() and not y[1].isfinite().any() and y[2].isfinite().all(), (name, qtype.name)

@@ -121,10 +121,13 @@ static void quantize_row(const float *x, int64_t k, int bs, int8_t *q, float *d,
     for (int64_t b = 0; b < k / bs; ++b) {
         const float *xb = x + b * bs;
         float amax = 0.0f;
+        int nan = 0;
         for (int i = 0; i < bs; ++i) {
             float a = fabsf(xb[i]);
             amax = a > amax ? a : amax;
+            nan |= a != a;
         }
+        if (nan) amax = NAN; /* a NaN activation makes the products NaN, as a float product would */
         float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
         d[b] = db;
         for (int i = 0; i < bs; ++i) {
