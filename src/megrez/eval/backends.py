@@ -41,6 +41,10 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, unit="answer", dynamic_ncols=True, mininterval=1.0, disable=not enabled)
 
 
+class BackendError(ValueError):
+    """The server cannot be reached or refused a request; the message names the URL."""
+
+
 class EngineBackend:
     """Generation on an :class:`~megrez.engine.Engine`: every request is queued (as many as the
     engine's waiting queue allows) and the engine's continuous batching runs them."""
@@ -127,14 +131,14 @@ class OpenAIBackend:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")[:500]
-            raise RuntimeError(f"{self.url}{path}: HTTP {e.code}: {detail}") from None
+            raise BackendError(f"{self.url}{path}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
-            raise RuntimeError(f"{self.url}{path}: cannot connect ({e.reason})") from None
+            raise BackendError(f"{self.url}{path}: cannot connect ({e.reason})") from None
 
     def _first_model(self) -> str:
         models = self._post("/models").get("data") or []
         if not models:
-            raise RuntimeError(f"{self.url}/models lists no model; pass --served-model")
+            raise BackendError(f"{self.url}/models lists no model; pass --served-model")
         return models[0]["id"]
 
     def _one(self, req: GenRequest) -> Generation:

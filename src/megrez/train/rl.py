@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ..engine import Engine, SamplingParams
 from ..eval.backends import EngineBackend, GenRequest
 from ..eval.harness import EvalConfig, evaluate, sample_seed
 from ..eval.tasks import get_task
-from ..loading import load_model, save_model
+from ..loading import load_model
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import distributed
@@ -49,11 +49,11 @@ from .rl_loss import (
     token_logprobs,
 )
 from .rl_sync import RolloutWeights
-from .trainer import _jsonable, _truncate_metrics, autocast_for
+from .trainer import Options, _jsonable, _truncate_metrics, autocast_for
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Options):
     init: str = ""                           # the policy to start from (any checkpoint the engine loads)
     task: str = "arithmetic"
     task_options: dict = field(default_factory=lambda: {"split": "train", "n": 1000})
@@ -95,20 +95,10 @@ class RLConfig:
     progress: bool = True
     plots: bool = True
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "RLConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown RL option(s) {', '.join(map(repr, unknown))}")
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
+    kind = "RL"
 
     def validate(self, source: str = "config") -> None:
-        def need(cond, key, what):
-            if not cond:
-                raise ValueError(f"{source}: {key}={getattr(self, key)!r}: {what}")
+        need = self.requirement(source)
         need(bool(self.init), "init", "give the checkpoint to train (--init DIR)")
         for key in ("steps", "prompts_per_step", "ppo_epochs", "minibatches", "micro_batch_size", "eval_every",
                     "save_every", "max_num_seqs", "eval_samples"):
@@ -422,14 +412,8 @@ class RLTrainer:
                              self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
-        model_sd, _ = ckpt.full_state(self.model, self.optimizer) if distributed.is_sharded(self.model) else (None, None)
-        final = self.out / "final"
-        if self.rank == 0:
-            model = self.model if model_sd is None else ckpt.plain_copy(self.model, model_sd)
-            dtype = torch.bfloat16 if self.cfg.export_dtype == "bfloat16" else torch.float32
-            save_model(model, final, dtype=dtype, copy_from=self.tok_dir)
-        distributed.barrier()
-        return final
+        """RUN/final: the trained model alone, in ``export_dtype``, for inference."""
+        return ckpt.export_final(self.model, self.optimizer, self.out / "final", self.cfg.export_dtype, self.tok_dir)
 
     def run(self) -> dict:
         cfg = self.cfg
