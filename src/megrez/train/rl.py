@@ -241,14 +241,15 @@ class RLTrainer:
             return everything
         mine = everything[self.rank::self.world]
         rolls = self.generate(mine, cfg.filter_samples, "filter", "filtering prompts")
-        rates = torch.zeros(len(self.examples), dtype=torch.float64, device=self.device)
+        wins = torch.zeros(len(self.examples), dtype=torch.float64, device=self.device)
         for r in rolls:
-            rates[r.example] += r.reward / cfg.filter_samples
-        distributed.all_reduce_sum(rates)
-        rates = rates.tolist()
-        solved = [i for i in everything if rates[i] >= 1.0]
-        never = [i for i in everything if rates[i] == 0.0]
-        partial = [i for i in everything if 0.0 < rates[i] < 1.0]
+            wins[r.example] += r.reward > 0
+        distributed.all_reduce_sum(wins)
+        wins = [int(w) for w in wins.tolist()]  # whole counts: compared exactly, unlike summed fractions
+        n = cfg.filter_samples
+        solved = [i for i in everything if wins[i] == n]
+        never = [i for i in everything if wins[i] == 0]
+        partial = [i for i in everything if 0 < wins[i] < n]
         keep_never = never
         if cfg.zero_pass_fraction is not None:
             f = cfg.zero_pass_fraction
@@ -257,7 +258,7 @@ class RLTrainer:
         pool = sorted(partial + keep_never)
         self.log({"event": "filter", "prompts": len(everything), "always_solved": len(solved),
                   "never_solved": len(never), "partly_solved": len(partial), "kept": len(pool),
-                  "kept_never_solved": len(keep_never), "mean_pass_rate": sum(rates) / len(rates)})
+                  "kept_never_solved": len(keep_never), "mean_pass_rate": sum(wins) / (n * len(wins))})
         if not pool:
             raise ValueError(f"prompt filtering left no prompts: all {len(everything)} were solved in every one of "
                              f"{cfg.filter_samples} attempts; use harder prompts or filter_samples=0")
