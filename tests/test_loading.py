@@ -121,6 +121,7 @@ def test_no_weights(ckpt):
     ("rope_scaling", {"rope_type": "yarn", "factor": 4}, "'rope_scaling'"),
     ("num_experts_per_tok", 99, "'num_experts_per_tok': 99"),
     ("architectures", ["GPT2LMHeadModel"], "'architectures'"),
+    ("quantization_config", {"quant_method": "gptq", "bits": 4}, "'quantization_config': quant_method 'gptq'"),
 ])
 def test_unsupported_config_value_names_the_key(ckpt, key, value, message):
     edit_config(ckpt, **{key: value})

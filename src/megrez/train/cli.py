@@ -29,7 +29,9 @@ HELP = {
     "preset": "train from scratch with this size (see `megrez train presets`)",
     "model_overrides": "JSON object of config.json keys set on top of the preset",
     "loss": "per_token, or turn (each assistant turn averaged, then turns averaged; the default of sft)",
-    "bias_update_rate": "auxiliary-loss-free balancing: routing-bias change per step (0 disables)",
+    "bias_update_rate": "auxiliary-loss-free balancing: routing-bias change per step (0 disables; DeepSeek-V3 "
+                        "uses 1e-3 over very long runs)",
+    "warmup_steps": "linear learning-rate warm-up (default: a tenth of the run, at most 100 steps)",
     "aux_loss_weight": "weight of the sequence-wise balance loss (0 disables)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU",
     "attention": "packed attention: auto = FlexAttention on CUDA, dense mask on CPU",
@@ -43,7 +45,10 @@ def _add_field(group, f, help_text: str | None = None) -> None:
     flag = "--" + f.name.replace("_", "-")
     kind = str(f.type)  # field types are strings (postponed annotations)
     value = f.default_factory() if f.default is MISSING else f.default
-    text = ((HELP.get(f.name, "") if help_text is None else help_text) + f" (default: {value})").strip().replace("%", "%%")
+    text = HELP.get(f.name, "") if help_text is None else help_text
+    if "default" not in text:
+        text = f"{text} (default: {value})".strip()
+    text = text.replace("%", "%%")
     default = argparse.SUPPRESS  # unset flags do not override the config file
     if kind == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
@@ -93,6 +98,8 @@ def cmd_train(a) -> int:
         rank, world = distributed.rank(), distributed.world_size()
     finally:
         distributed.cleanup()
+    if summary.get("interrupted"):
+        return 130
     # One summary line per process: under torchrun every rank reports the (all-reduced) losses.
     short = {k: v for k, v in summary.items() if k != "losses"}
     if world > 1:
@@ -131,6 +138,9 @@ def register(subparsers) -> None:
     from .rl_cli import register as register_rl
 
     register_rl(sub)
+    from .image_adapter import register as register_image_adapter
+
+    register_image_adapter(sub)
     sp = sub.add_parser("presets", help="list the named model sizes")
-    sp.add_argument("--vocab-size", type=int, default=32768)
+    sp.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size to count parameters with")
     sp.set_defaults(func=cmd_presets)
