@@ -213,3 +213,16 @@ def test_data_url_and_remote_url(llm):
     assert out.prompt_tokens > 16
     with pytest.raises(MediaError, match="remote URLs are not fetched"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+
+
+def test_an_image_kept_in_the_conversation_is_encoded_once(tiny_omni, monkeypatch):
+    chat = LLM(tiny_omni, device="cpu", dtype="float32")
+    calls = []
+    orig = chat.model.encode_images
+    monkeypatch.setattr(chat.model, "encode_images", lambda crops: calls.append(len(crops)) or orig(crops))
+    conv = [{"role": "user", "content": [{"type": "image", "image": solid(500, 500)}, {"type": "text", "text": "a"}]}]
+    first = chat.encode_conversation(conv)
+    conv += [{"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    second = chat.encode_conversation(conv)
+    assert calls == [len(slice_image(solid(500, 500)).crops)]  # the source crop and its slices, once
+    assert torch.equal(first[1][0][1], second[1][0][1]) and first[1][0][0] == second[1][0][0]
