@@ -120,6 +120,9 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     g.add_argument("--router-bias", default=None, choices=["own", "owner", "none"],
                    help="Megrez2: whose e_score_correction_bias each layer selects experts with "
                         "(own = llama.cpp; owner = SGLang demo; none = vLLM with the official patch)")
+    g.add_argument("--quantization", "-q", default=None, choices=["q8_0", "q4_0", "q4_k_m"],
+                   help="quantize the weights while loading (llama.cpp's block formats and mixes; q4_k_m: Q4_K with "
+                        "Q6_K for the sensitive tensors). A GGUF file's own types are used as they are")
     g.add_argument("--max-model-len", type=int, default=None, help="context length to allocate (default: model's)")
     g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", type=size_arg,
                    help="Megrez2: device memory to use (e.g. 6GiB); routed experts stay in host memory and "
@@ -162,7 +165,8 @@ def make_llm(a, max_num_seqs: int = 1, kv_cache_memory: int | None = None, **eng
         if a.threads < 1:
             raise ValueError("--threads must be at least 1")
         torch.set_num_threads(a.threads)
-    return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, max_model_len=a.max_model_len,
+    return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, quantization=a.quantization,
+               max_model_len=a.max_model_len,
                max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory, gpu_memory_budget=a.gpu_memory_budget,
                offload_policy=a.offload_policy, prefetch=not a.no_prefetch, **engine_options)
 
@@ -268,11 +272,13 @@ def cmd_info(a) -> int:
 
     from .llm import default_model
     from .loading import checkpoint_shards, read_json, resolve_model_path
+    from .loading.gguf import GGUFCheckpoint, is_gguf
     from .models import build_model
     from .models.cache import KVCache
 
     path = resolve_model_path(a.model) if a.model is not None else default_model()
-    config = read_json(path / "config.json")
+    gguf_file = GGUFCheckpoint(path) if is_gguf(path) else None
+    config = gguf_file.config if gguf_file is not None else read_json(path / "config.json")
     with torch.device("meta"):
         model = build_model(config, source=str(path / "config.json"))
     args = model.args
@@ -292,9 +298,22 @@ def cmd_info(a) -> int:
     for name, size in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
         print(f"weights      {name:9s} {format_bytes(counts['stored'] * size):>10s} stored, "
               f"{format_bytes(counts['active'] * size):>10s} read per token")
+    from .quant.recipe import QUANTIZED_SCHEMES, scheme_bytes
+
+    for scheme in QUANTIZED_SCHEMES:
+        stored, active = scheme_bytes(model, scheme)
+        print(f"weights      {scheme:9s} {format_bytes(stored):>10s} stored, {format_bytes(active):>10s} read per token"
+              f"{'  (--quantization ' + scheme + ')'}")
     kv = KVCache.bytes_per_token(*model.kv_layout(), torch.bfloat16)
     print(f"KV cache     {format_bytes(kv)} per token in bfloat16 "
           f"({format_bytes(kv * args.max_position_embeddings)} for one full-context sequence)")
+    if gguf_file is not None:
+        from collections import Counter
+
+        types = Counter(qtype.name for _, qtype, _ in gguf_file.tensors.values())
+        print(f"file         GGUF ({gguf_file.arch}), {format_bytes(path.stat().st_size)}; tensor types "
+              + ", ".join(f"{n} x{c}" for n, c in types.most_common()))
+        return 0
     shards = checkpoint_shards(path)
     print(f"files        {len(shards)} safetensors file(s), {format_bytes(sum(s.stat().st_size for s in shards))}")
     return 0
@@ -402,7 +421,8 @@ def _extra_commands():
     import importlib
 
     found = []
-    for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify"):
+    for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify",
+                "megrez.eval.cli", "megrez.quant.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

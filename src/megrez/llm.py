@@ -16,6 +16,7 @@ from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
+from .loading.gguf import tokenizer_path
 from .tokenizer import Tokenizer
 
 
@@ -50,21 +51,25 @@ class LLM:
     ``gpu_memory_budget`` (e.g. "6GiB"; Megrez2 only) keeps the routed experts in host memory
     and caches them on the device within the budget, prefetching each layer's experts as soon
     as the pre-gate names them (``offload_policy``: "group" or "lru"; ``prefetch=False`` to
-    compare)."""
+    compare).
+
+    ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, in
+    llama.cpp's block formats (see :mod:`megrez.quant`)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
-                 router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 router_bias: str | None = None, quantization: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
                  offload_policy: str = "group", prefetch: bool = True, **engine_options):
         budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
-        self.tokenizer = Tokenizer(self.path)
+        self.tokenizer = Tokenizer(tokenizer_path(self.path))
         self.offload = None
         if budget is None:
-            self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, quantization=quantization, **overrides)
         else:
-            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu", **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu",
+                                    quantization=quantization, **overrides)
             self.offload, kv_cache_memory = plan_offload(self.model, budget, kv_cache_memory, offload_policy,
                                                          prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,

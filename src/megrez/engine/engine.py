@@ -153,6 +153,7 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.offload = None  # an ExpertOffload when routed experts live in host memory
+        self._weights_seen = self._weights_fingerprint()
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cached_prompt_tokens": 0, "generation_tokens": 0,
                       "requests_finished": 0, "requests_failed": 0, "preemptions": 0, "steps": 0}
 
@@ -217,8 +218,30 @@ class Engine:
         return self.blocks.num_used / self.blocks.usable
 
     # ------------------------------------------------------------------------------ stepping
+    def _weights_fingerprint(self) -> tuple:
+        """Changes whenever a weight is modified in place (an optimizer step, a copy_ from a
+        trainer) or replaced: tensors count their in-place writes."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        versions = 0
+        for t in tensors:
+            try:
+                versions += t._version
+            except RuntimeError:  # an inference tensor: it cannot be written outside inference mode
+                pass
+        return len(tensors), sum(map(id, tensors)), versions
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were forgotten."""
+        return self.blocks.reset_prefix_cache()
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.blocks.enable_prefix_caching:
+            seen = self._weights_fingerprint()
+            if seen != self._weights_seen:  # cached keys/values came from other weights
+                self._weights_seen = seen
+                n = self.reset_prefix_cache()
+                log.info("the model's weights changed: %d cached prefix blocks forgotten", n)
         outputs = self._apply_aborts()
         self._preempted_now: set[Request] = set()
         decoding = self._make_room(list(self.running))
@@ -298,8 +321,9 @@ class Engine:
                 hits, parent = [], self.blocks.root(req.cache_salt)
             else:
                 hits, parent = self.blocks.longest_prefix(tokens, req.cache_salt)
-            if any(_computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
-                continue
+                if self.blocks.enable_prefix_caching and any(
+                        _computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
+                    continue
             need = self.blocks.blocks_for(len(tokens)) - len(hits)
             if need > self.blocks.available_with(hits):
                 break  # first come, first served: nobody overtakes a request that does not fit

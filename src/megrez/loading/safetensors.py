@@ -122,6 +122,11 @@ def save_model(model, out: str | os.PathLike, dtype: torch.dtype | None = None,
 
     ``copy_from`` copies tokenizer/generation files from another checkpoint directory;
     ``extra_files`` writes more files (name -> content)."""
+    from ..quant.modules import quant_tensors
+
+    if quant_tensors(model):
+        raise ValueError("this model holds quantized weights, which safetensors checkpoints do not store; "
+                         "save it as GGUF (megrez quantize MODEL OUT.gguf) or save the float model")
     out = Path(out)
     names = model.checkpoint_names()
     sources = dict(model.named_parameters())

@@ -288,6 +288,9 @@ class TransformerLM(nn.Module):
             names[name] = (name, None)
         for name, buf in self.named_buffers():
             names[name] = (name, None)
+        for mname, module in self.named_modules():  # quantized weights (megrez.quant.modules)
+            for attr in getattr(module, "quant_tensors", ()):
+                names[f"{mname}.{attr}"] = (f"{mname}.{attr}", None)
         if self.args.tie_word_embeddings:
             names.pop("lm_head.weight", None)
         return names

@@ -310,6 +310,14 @@ class OpenAIServer:
         self.loop.fail_all(EngineFailed("the server is shutting down", status=503, code="server_shutting_down"))
 
     # ------------------------------------------------------------------------------ tokenizer routes
+    def tokenizer_info(self) -> dict:
+        """What a client needs to tokenize as the server does (vLLM's /tokenizer_info)."""
+        tok = self.tokenizer
+        return {"tokenizer_class": "megrez", "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_model_len, "vocab_size": self.vocab_size,
+                "stop_token_ids": sorted(tok.stop_token_ids)}
+
     async def tokenize(self, request: Request) -> dict:
         self.check_auth(request)
         body = await self.read_json(request)
@@ -573,12 +581,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         return await server.handle(request, "completion")
 
+    # Also at the root, where vLLM and llama.cpp serve them (lm-evaluation-harness looks there).
     @app.post("/v1/tokenize")
+    @app.post("/tokenize", include_in_schema=False)
     async def tokenize(request: Request):
         return await server.tokenize(request)
 
     @app.post("/v1/detokenize")
+    @app.post("/detokenize", include_in_schema=False)
     async def detokenize(request: Request):
         return await server.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        server.check_auth(request)
+        return server.tokenizer_info()
 
     return app

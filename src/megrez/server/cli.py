@@ -55,7 +55,8 @@ def register(sub) -> None:
                    help="seconds a client has to send its request body (default 60; then 408)")
     g.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="on SIGTERM/Ctrl-C, seconds open requests get to finish before they are ended (default 5)")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     g = p.add_argument_group("per-request limits")
     g.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
                    help=f"tokens one request may generate over all its choices (default {Limits.max_request_tokens}"

@@ -64,7 +64,7 @@ class EngineLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail(list(self._entries), EngineFailed("the server is shutting down"))
+        self._fail(list(self._entries), EngineFailed("the server is shutting down", 503, "server_shutting_down"))
 
     @property
     def alive(self) -> bool:

@@ -154,7 +154,15 @@ def build_sources(cfg: TrainConfig, tok: Tokenizer, pad_id: int):
         if val is None:
             docs, val = split_validation(docs, cfg.val_fraction, cfg.seed)
         train_src = PretrainSource(tokenize_documents(tok, docs), cfg.seq_len, cfg.seed)
-        val_src = PretrainSource(tokenize_documents(tok, val), cfg.seq_len, cfg.seed, shuffle=False) if val else None
+        val_tokens = tokenize_documents(tok, val) if val else None
+        if val_tokens is not None and sum(map(len, val_tokens)) < cfg.seq_len + 1:
+            # Found now, not after the training steps when the first evaluation packs it.
+            what = (f"--val-data {' '.join(cfg.val_data)}" if cfg.val_data else
+                    f"the validation split (--val-fraction {cfg.val_fraction} of the documents)")
+            raise DataError(f"{what} has only {sum(map(len, val_tokens))} tokens, fewer than one row of "
+                            f"--seq-len {cfg.seq_len} + 1: give more validation data, a larger --val-fraction or "
+                            f"a smaller --seq-len")
+        val_src = PretrainSource(val_tokens, cfg.seq_len, cfg.seed, shuffle=False) if val else None
         return train_src, val_src
 
     def examples(paths):
