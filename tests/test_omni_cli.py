@@ -103,3 +103,18 @@ def test_image_adapter_trains_and_exports_a_working_checkpoint(tiny_moe, tmp_pat
     assert out.prompt_tokens > cfg.query_num
     with pytest.raises(ValueError, match="no audio encoder"):
         llm.chat([{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / "red.png")}]}])
+
+
+def test_the_language_model_runs_quantized_and_the_encoders_stay_float(tiny_omni):
+    from megrez import LLM, SamplingParams
+    from megrez.quant.formats import QuantTensor
+
+    llm = LLM(tiny_omni, device="cpu", quantization="q8_0")
+    layer = llm.model.llm.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.weight, QuantTensor) and isinstance(layer.mlp.down_proj.weight, QuantTensor)
+    assert not isinstance(llm.model.vision.vpm.encoder.layers[0].self_attn.q_proj.weight, QuantTensor)
+    assert not isinstance(llm.model.audio.audio.blocks[0].attn.query.weight, QuantTensor)
+    out = llm.chat([{"role": "user", "content": [{"type": "image", "image": PIL.new("RGB", (50, 50))},
+                                                 {"type": "text", "text": "hi"}]}],
+                   SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 4
