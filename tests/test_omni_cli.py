@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -118,3 +119,29 @@ def test_the_language_model_runs_quantized_and_the_encoders_stay_float(tiny_omni
                                                  {"type": "text", "text": "hi"}]}],
                    SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 4
+
+
+BUNDLED_OMNI = Path(__file__).resolve().parents[1] / "src" / "megrez" / "assets" / "megrez2-tiny-omni"
+
+
+@pytest.mark.skipif(not (BUNDLED_OMNI / "config.json").is_file(), reason="no bundled omni model")
+def test_bundled_omni_model_answers_about_a_picture_out_of_the_box(tmp_path):
+    """`megrez chat --image` without --model uses the bundled omni model; on fresh synthetic
+    pictures it names the colour of the shape."""
+    import random
+
+    from megrez.train.synthetic_images import make_picture
+
+    rng = random.Random(123)
+    right = 0
+    for n in range(4):
+        pic = make_picture(rng)
+        while pic.kind != "shape":
+            pic = make_picture(rng)
+        pic.image.save(tmp_path / f"p{n}.png")
+        r = subprocess.run([sys.executable, "-m", "megrez.cli", "chat", "--image", str(tmp_path / f"p{n}.png"),
+                            "-t", "0", "--max-tokens", "6", "--threads", "1"], input="What colour is the shape?\n",
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        right += r.stdout.strip().splitlines()[-1].strip() == f"{pic.colour.capitalize()}."
+    assert right >= 3
