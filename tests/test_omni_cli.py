@@ -145,3 +145,33 @@ def test_bundled_omni_model_answers_about_a_picture_out_of_the_box(tmp_path):
         assert r.returncode == 0, r.stderr
         right += r.stdout.strip().splitlines()[-1].strip() == f"{pic.colour.capitalize()}."
     assert right >= 3
+
+
+def test_adapter_loss_with_the_shared_prefix_equals_the_full_forward(tiny_moe, tmp_path):
+    import random
+
+    import torch
+
+    from megrez.multimodal.prompt import PromptBuilder
+    from megrez.tokenizer import Tokenizer
+    from megrez.train.image_adapter import AdapterConfig, build, example, forward_loss, shared_prefix
+
+    cfg = AdapterConfig(base=str(tiny_moe), query_num=4,
+                        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "image_size": 112, "patch_size": 14})
+    model, adapter, files, old = build(cfg)
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    tok = Tokenizer(tmp_path)
+    rng = random.Random(0)
+    batch = [example(rng, cfg, PromptBuilder(tok, cfg.query_num), tok) for _ in range(3)]
+    head = batch[0][0].token_ids[: batch[0][0].runs[0][0] - 1]
+    full = forward_loss(model, adapter, old, batch)
+    full.backward()
+    want = [p.grad.clone() for p in adapter.parameters()]
+    adapter.zero_grad()
+    reused = forward_loss(model, adapter, old, batch, shared_prefix(model, adapter, old, head))
+    reused.backward()
+    assert abs(float(full) - float(reused)) <= 1e-5
+    for g, p in zip(want, adapter.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
