@@ -91,8 +91,35 @@ def report(llm, a, seconds: float) -> None:
               file=sys.stderr)
 
 
+def read_constraint(a) -> dict:
+    """--json-schema (inline JSON or a file) / --grammar (a Lark or GBNF file) as keyword
+    arguments for LLM.generate/stream."""
+    from pathlib import Path
+
+    if a.json_schema is not None and a.grammar is not None:
+        raise ValueError("give --json-schema or --grammar, not both")
+    def read(flag, path):
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag}: cannot read {path} ({e})") from None
+
+    if a.json_schema is not None:
+        text = a.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            text = read("--json-schema", text)
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema: not valid JSON ({e})") from None
+    if a.grammar is not None:
+        return {"grammar": read("--grammar", a.grammar)}
+    return {}
+
+
 def cmd_generate(a) -> int:
     params = sampling_from_args(a)
+    constraint = read_constraint(a)
     if a.prompt_ids is not None and a.prompt is not None:
         raise ValueError("give either PROMPT or --prompt-ids, not both")
     if a.prompt_ids is None and a.prompt is None:
@@ -112,12 +139,12 @@ def cmd_generate(a) -> int:
             {"role": "user", "content": a.prompt}]
         ids = llm.tokenizer.encode_chat(messages)
     if a.json:
-        out = llm.generate(ids, params)
+        out = llm.generate(ids, params, **constraint)
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
                           "prompt_tokens": out.prompt_tokens}, ensure_ascii=False))
         return 0
     start = time.perf_counter()
-    for delta in llm.stream(ids, params):
+    for delta in llm.stream(ids, params, **constraint):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -129,6 +156,11 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     params = sampling_from_args(a)
     llm = make_llm(a)
+    agent = None
+    if a.search:
+        from .search.cli import make_agent, run_turn
+
+        agent = make_agent(llm, a)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
@@ -152,7 +184,15 @@ def cmd_chat(a) -> int:
             return 0
         if line == "/reset":
             history = []
+            if agent is not None:
+                agent.reset()
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if agent is not None:  # the search loop keeps its own history (calls and observations too)
+            try:
+                run_turn(agent, line)
+            except KeyboardInterrupt:
+                print("\n(interrupted)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         reply = []
@@ -256,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the answer to this JSON schema (inline JSON or a file)")
+    p.add_argument("--grammar", default=None, metavar="FILE",
+                   help="constrain the answer to a Lark grammar (or GBNF: rules written 'name ::= ...')")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -264,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     add_model_args(p)
     add_sampling_args(p)
+    from .search.cli import add_search_args
+
+    add_search_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading its weights")
@@ -287,7 +334,8 @@ def _extra_commands():
     import importlib
 
     found = []
-    for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify"):
+    for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify",
+                "megrez.search.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

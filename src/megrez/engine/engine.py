@@ -17,7 +17,7 @@ import torch
 
 from ..models.cache import KVCache
 from ..tokenizer import Tokenizer
-from .sampling import SampleResult, SamplingParams, make_generator, sample_rows
+from .sampling import LogitsProcessor, SampleResult, SamplingParams, make_generator, sample_rows
 
 
 class QueueFull(RuntimeError):
@@ -51,6 +51,7 @@ class Request:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     @property
     def history_ids(self) -> list[int]:
@@ -102,7 +103,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None,
+                    logits_processors: list[LogitsProcessor] | None = None) -> Request:
+        """Queue a prompt. ``logits_processors`` belong to this request alone (each call needs
+        its own: they may keep state); the engine closes them when the request ends."""
         params = (params or SamplingParams()).with_defaults(self.generation_config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -123,8 +127,9 @@ class Engine:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer() if self.tokenizer else _NoText())
+            detok = self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else _NoText()
+            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device), detok,
+                          logits_processors=list(logits_processors or []))
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -218,6 +223,8 @@ class Engine:
                 req.first_token_time = now
             req.output_ids.append(s.token)
             self.stats["generation_tokens"] += 1
+            for processor in req.logits_processors:
+                processor.accept(s.token)
             outs.append(self._append_token(req, s))
         return outs
 
@@ -267,6 +274,8 @@ class Engine:
             self.free_slots.append(req.slot)
             req.slot = None
         self.requests.pop(req.request_id, None)
+        for processor in req.logits_processors:
+            processor.close()
         self.stats["requests_finished"] += 1
 
     # ------------------------------------------------------------------------------ offline

@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top-k
+    skip_special_tokens: bool = True  # False: special tokens (e.g. <|function_start|>) stay in the text
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -97,6 +98,23 @@ class SamplingParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class LogitsProcessor:
+    """A per-request hook on the logits each step samples from: a logit bias, a grammar's
+    token mask. ``__call__`` edits the request's row of raw logits in place, before penalties
+    and temperature (logprobs stay those of the model); ``accept`` is told each token the
+    request sampled, so a stateful processor can advance and start preparing its next mask
+    while the next forward pass runs; ``close`` is called once when the request ends."""
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed % (2 ** 64))
@@ -141,7 +159,7 @@ class SampleResult:
 
 def sample_rows(logits: torch.Tensor, rows: list) -> list[SampleResult]:
     """logits [B, V] float32, one row per request; ``rows[b]`` has ``params`` (filled),
-    ``generator``, ``history_ids`` and ``output_ids``."""
+    ``generator``, ``history_ids``, ``output_ids`` and ``logits_processors``."""
     logits = logits.float()
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
@@ -150,6 +168,8 @@ def sample_rows(logits: torch.Tensor, rows: list) -> list[SampleResult]:
     for b, r in enumerate(rows):
         p = r.params
         row = logits[b].clone()
+        for processor in r.logits_processors:
+            processor(row)
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             device = row.device
             history = torch.tensor(r.history_ids, dtype=torch.long, device=device)

@@ -19,6 +19,8 @@ import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, QueueFull
+from ..structured import Plan, Structured, StructuredError
 from . import metrics, protocol
 from .engine_loop import EngineFailed, EngineLoop
 from .protocol import APIError, GenerationRequest, Limits, TokenText
@@ -40,6 +43,7 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
+    clock: Callable[[], datetime] = datetime.now  # the time line of the Megrez tool prompt
 
 
 class EventStream(StreamingResponse):
@@ -71,6 +75,7 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
         self.vocab_size = engine.model.args.vocab_size
+        self.structured = Structured(engine.tokenizer, self.vocab_size, config.clock)
         self.errors: Counter = Counter()  # HTTP status -> error responses sent
         self.created = int(time.time())
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
@@ -110,13 +115,18 @@ class OpenAIServer:
                                 f"{', '.join(map(repr, names))}", param="model", code="model_not_found")
         return requested
 
-    def encode(self, req: GenerationRequest) -> list[list[int]]:
-        """Runs in a worker thread: templates and tokenizers on long inputs take a while."""
+    def encode(self, req: GenerationRequest) -> tuple[list[list[int]], Plan]:
+        """Runs in a worker thread: templates and tokenizers on long inputs take a while, and
+        so can compiling a schema."""
+        try:
+            plan = self.structured.plan(req.tools, req.response_format)
+        except StructuredError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_schema") from None
         out = []
         for prompt in req.prompts:
             if req.kind == "chat":
                 try:
-                    out.append(self.tokenizer.encode_chat(prompt))
+                    out.append(self.structured.chat_prompt(prompt, req.tools))
                 except (ValueError, jinja2.TemplateError) as e:
                     raise protocol.invalid("messages", f"the chat template cannot render these messages: {e}") \
                         from None
@@ -127,7 +137,7 @@ class OpenAIServer:
                 if bad:
                     raise protocol.invalid("prompt", f"token ids must be in [0, {self.vocab_size}) (got {bad[0]})")
                 out.append(list(prompt))
-        return out
+        return out, plan
 
     def check_length(self, ids: list[int], param: str) -> None:
         limit = self.engine.max_model_len
@@ -146,19 +156,20 @@ class OpenAIServer:
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         req = parse(body, self.config.limits, self.vocab_size)
         model = self.model_name(req.model)
-        prompt_ids = await asyncio.to_thread(self.encode, req)
+        prompt_ids, plan = await asyncio.to_thread(self.encode, req)
         for ids in prompt_ids:
             self.check_length(ids, "messages" if kind == "chat" else "prompt")
         sink: asyncio.Queue = asyncio.Queue()
-        rids = self.submit(req, prompt_ids, sink)
+        rids = self.submit(req, prompt_ids, sink, plan)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        run = Run(self, req, model, rid, rids, sink, sum(map(len, prompt_ids)))
+        run = Run(self, req, model, rid, rids, sink, sum(map(len, prompt_ids)), plan)
         if req.stream:
             return EventStream(run.events(), on_close=lambda: self.abort(rids),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
 
-    def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue) -> dict[int, str]:
+    def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue,
+               plan: Plan | None = None) -> dict[int, str]:
         """All choices of one request enter the engine together, or none does."""
         engine = self.engine
         wanted = len(prompt_ids) * req.n
@@ -171,7 +182,11 @@ class OpenAIServer:
             for p, ids in enumerate(prompt_ids):
                 for i in range(req.n):
                     params = req.choice_params(i, len(ids), engine.max_model_len)
-                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i)
+                    processors = []
+                    if plan is not None:
+                        params = plan.params(params)
+                        processors = plan.processors()
+                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i, processors)
         except QueueFull:
             self.abort(rids)
             raise busy from None
@@ -192,8 +207,10 @@ class Run:
     """One HTTP generation request: its engine requests (one per choice) and their answer."""
 
     def __init__(self, server: OpenAIServer, req: GenerationRequest, model: str, rid: str, rids: dict[int, str],
-                 sink: asyncio.Queue, prompt_tokens: int):
+                 sink: asyncio.Queue, prompt_tokens: int, plan: Plan | None = None):
         self.server, self.req, self.model, self.id, self.rids, self.sink = server, req, model, rid, rids, sink
+        # Tool calls are read out of each choice's text by its own adapter.
+        self.adapters = {i: plan.reader() for i in rids} if plan is not None and req.kind == "chat" else {}
         self.created = int(time.time())
         self.prompt_tokens = prompt_tokens
         self.completion_tokens: dict[int, int] = {}
@@ -225,6 +242,7 @@ class Run:
         texts = {i: [] for i in self.rids}
         logprobs = {i: [] for i in self.rids}
         finish: dict[int, str] = {}
+        last_token: dict[int, int | None] = {}
 
         async def consume():
             while len(finish) < len(self.rids):
@@ -235,6 +253,7 @@ class Run:
                     logprobs[index].append(lp)
                 if out.finished:
                     finish[index] = protocol.public_finish_reason(out.finish_reason)
+                    last_token[index] = out.new_token_ids[-1] if out.new_token_ids else None
 
         consumer = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -251,6 +270,11 @@ class Run:
         for i in sorted(self.rids):
             text = "".join(texts[i])
             lp = _merge_logprobs(logprobs[i], self.req.kind) if self.req.logprobs is not None else None
+            adapter = self.adapters.get(i)
+            if adapter is not None:
+                message, reason = adapter.message(text, finish[i], last_token.get(i))
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+                continue
             make = protocol.chat_choice if self.req.kind == "chat" else protocol.completion_choice
             choices.append(make(i, text, finish[i], lp))
         return JSONResponse(protocol.envelope(self.req.kind, self.id, self.created, self.model, choices,
@@ -282,7 +306,18 @@ class Run:
                     pending.discard(index)
                 elif not out.new_text and not (lp and (lp.get("content") or lp.get("tokens"))):
                     continue  # text held back (a partial character or a possible stop string)
-                if chat:
+                adapter = self.adapters.get(index)
+                if adapter is not None:
+                    deltas = adapter.feed(out.new_text)
+                    if out.finished:
+                        more, reason = adapter.finish(reason, out.new_token_ids[-1] if out.new_token_ids else None)
+                        deltas += more
+                    deltas = deltas or ([{}] if out.finished or lp else [])
+                    for k, delta in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        yield self.chunk([protocol.chat_delta(index, delta, reason if last else None,
+                                                              lp if k == 0 else None)])
+                elif chat:
                     delta = {"content": out.new_text} if out.new_text else {}
                     yield self.chunk([protocol.chat_delta(index, delta, reason, lp)])
                 else:

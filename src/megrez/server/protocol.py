@@ -14,10 +14,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import structured
 from ..engine.sampling import MAX_LOGPROBS, SampleResult, SamplingParams
 from ..tokenizer import text_content
+from ..tools.spec import ToolError, ToolSpec, parse_tools
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# "observation" is Megrez's own role for tool results, for clients that build the model's
+# tool prompt themselves (tools given as "tool" messages are mapped onto it).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "observation")
 SEED_RANGE = (-(2 ** 63), 2 ** 64)
 
 
@@ -158,9 +162,8 @@ def _range(lo, hi) -> str:
 def _reject_unsupported(body: dict) -> None:
     """Fields whose non-default values would change the answer in ways this server cannot do."""
     checks = {
-        "tools": lambda v: v == [], "functions": lambda v: v == [],
-        "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
-        "logit_bias": lambda v: v == {}, "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+        "functions": lambda v: v == [], "function_call": lambda v: v in ("none", "auto"),
+        "logit_bias": lambda v: v == {},
         "echo": lambda v: v is False, "suffix": lambda v: v == "",
         "audio": lambda v: False, "prediction": lambda v: False,
     }
@@ -187,6 +190,8 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None                # None: none; k: sampled token plus top k
     extra: dict = field(default_factory=dict)
+    tools: ToolSpec | None = None              # chat: the functions offered, tool_choice
+    response_format: dict | None = None        # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
 
     def choice_params(self, i: int, prompt_len: int, max_model_len: int) -> SamplingParams:
         """Choice i samples with ``seed + i`` (as vLLM does), so n choices differ yet every
@@ -270,6 +275,7 @@ def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tup
         stop=_stop(body, limits),
         stop_token_ids=_stop_token_ids(body, limits, vocab_size),
         ignore_eos=get_bool(body, "ignore_eos"),
+        skip_special_tokens=get_bool(body, "skip_special_tokens", True),
     )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
@@ -289,7 +295,20 @@ def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest
     elif get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS) > 0:
         raise invalid("top_logprobs", "requires logprobs to be true")
     params.logprobs = logprobs
-    return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs)
+    try:
+        tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except ToolError as e:
+        raise invalid(e.param, str(e).split(": ", 1)[1]) from None
+    response_format = parse_response_format(body.get("response_format"))
+    return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs,
+                             tools=tools, response_format=response_format)
+
+
+def parse_response_format(rf) -> dict | None:
+    try:
+        return structured.parse_response_format(rf)
+    except structured.StructuredError as e:
+        raise invalid(e.param, str(e).split(": ", 1)[1]) from None
 
 
 def parse_messages(messages, limits: Limits) -> list[dict]:
@@ -313,6 +332,20 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         content = m.get("content")
         if content is None and role not in ("assistant",):
             raise invalid(f"{where}.content", "required for this role")
+        tool_calls = m.get("tool_calls")
+        if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+            raise invalid(f"{where}.tool_calls", "only an assistant message has tool_calls, an array of calls")
+        for j, call in enumerate(tool_calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("arguments", "{}"), (str, dict)):
+                raise invalid(f"{where}.tool_calls[{j}]", "expected {id, type: 'function', "
+                                                          "function: {name, arguments: a JSON string}}")
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    json.loads(fn["arguments"] or "{}")
+                except ValueError as e:
+                    raise invalid(f"{where}.tool_calls[{j}].function.arguments", f"not valid JSON ({e})") from None
         try:
             text = text_content(content, f"{where}.content")
         except ValueError as e:  # the message already names the part
@@ -324,6 +357,10 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         msg = {"role": "system" if role == "developer" else role, "content": text}
         if name is not None:
             msg["name"] = name
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
@@ -337,7 +374,8 @@ def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationR
         raise invalid("n", f"prompts x n may be at most {limits.max_choices} (got {len(prompts)} x {n})")
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     params.logprobs = logprobs
-    return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs)
+    return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs,
+                             response_format=parse_response_format(body.get("response_format")))
 
 
 def parse_prompt(prompt, limits: Limits) -> list:
