@@ -145,7 +145,7 @@ class WebSearchAgent:
                 events = parser.feed(delta)
                 text = cites.feed("".join(v for k, v in events if k == "content"))
                 if parser.calls:  # the call is complete: stop reading, as the source demo does
-                    stream.close()
+                    getattr(stream, "close", lambda: None)()
                     break
             if text:
                 yield Event("text", text)
