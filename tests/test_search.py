@@ -325,3 +325,45 @@ def test_serper_backend_against_a_fake_api_on_loopback():
         assert backend.fetch_all(results) == ["北京 晴", ""]
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- server
+def test_web_search_tool_on_the_server(tmp_path):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    import httpx
+    from test_server import KEY, MODEL, LiveServer
+
+    idx = LocalIndex(tmp_path / "demo.sqlite")
+    idx.add(DEMO)
+    s = LiveServer(BUNDLED)
+    server = s.app.state.server
+    server.config.clock = lambda: NOW
+    try:
+        c = s.client()
+        messages = [{"role": "user", "content": "北京今天天气怎么样？"}]
+        tool = [{"type": "web_search", "web_search": {"mode": "always", "max_results": 2}}]
+        with pytest.raises(openai.BadRequestError, match="not enabled"):
+            c.chat.completions.create(model=MODEL, messages=messages, tools=tool)
+        server.search_backend = idx
+        r = c.chat.completions.create(model=MODEL, messages=messages, tools=tool)
+        search = r.choices[0].message.model_extra["search"]
+        assert 0 < len(search["query"]) <= 64
+        assert [x["link"] for x in search["sources"]] == [x.link for x in idx.search(search["query"], 2)]
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens > 0
+        chunks = list(c.chat.completions.create(model=MODEL, messages=messages, tools=tool, stream=True))
+        searched = [ch.choices[0].delta.model_extra.get("search") for ch in chunks if ch.choices]
+        assert [x for x in searched if x] == [search]  # the same loop, deterministic: one search chunk
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == r.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for body, param in (({"tools": tool + [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                            ({"tools": tool, "n": 2}, "tools"),
+                            ({"tools": [{"type": "web_search", "web_search": {"mode": "never"}}]},
+                             "tools[0].web_search.mode")):
+            resp = httpx.post(s.url + "/v1/chat/completions", json={"messages": messages, **body}, headers=headers)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+        assert not s.engine.running and s.loop.active == 0
+    finally:
+        s.close()

@@ -44,6 +44,8 @@ class ServerConfig:
     max_request_bytes: int = 4 << 20
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], datetime] = datetime.now  # the time line of the Megrez tool prompt
+    search_backend: object = None  # a megrez.search backend: enables the web_search tool
+    search_pages: int = 5
 
 
 class EventStream(StreamingResponse):
@@ -76,6 +78,7 @@ class OpenAIServer:
         self.token_text = TokenText(engine.tokenizer)
         self.vocab_size = engine.model.args.vocab_size
         self.structured = Structured(engine.tokenizer, self.vocab_size, config.clock)
+        self.search_backend, self.search_pages = config.search_backend, config.search_pages
         self.errors: Counter = Counter()  # HTTP status -> error responses sent
         self.created = int(time.time())
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
@@ -156,6 +159,14 @@ class OpenAIServer:
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         req = parse(body, self.config.limits, self.vocab_size)
         model = self.model_name(req.model)
+        if req.web_search is not None:
+            from . import search_route
+
+            answer = await search_route.handle(self, req, model)
+            if isinstance(answer, dict):
+                return JSONResponse(answer)
+            return EventStream(answer, on_close=lambda: None,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         prompt_ids, plan = await asyncio.to_thread(self.encode, req)
         for ids in prompt_ids:
             self.check_length(ids, "messages" if kind == "chat" else "prompt")

@@ -48,6 +48,13 @@ def register(sub) -> None:
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
+    g = p.add_argument_group("web search (the web_search tool; off unless a backend is given)")
+    g.add_argument("--search-index", default=None, metavar="PATH",
+                   help="serve web_search from this local index (made by `megrez index add`)")
+    g.add_argument("--search-backend", default=None, choices=["local", "serper"],
+                   help="local (default with --search-index; $MEGREZ_CACHE/search/index.sqlite without it) or "
+                        "serper (the web; needs SERPER_API_KEY)")
+    g.add_argument("--search-pages", type=int, default=5, help="pages summarised per search (default 5)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -74,10 +81,16 @@ def cmd_serve(a) -> int:
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    search = None
+    if a.search_index is not None or a.search_backend is not None:
+        from ..search import open_backend
+
+        search = open_backend(a.search_backend or "local", a.search_index)
     path, engine = build_engine(a)
     names = a.served_model_name or [a.model if a.model is not None else path.name]
     app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
-                                          max_request_bytes=a.max_request_bytes))
+                                          max_request_bytes=a.max_request_bytes, search_backend=search,
+                                          search_pages=a.search_pages))
     print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
           f"({engine.max_num_seqs} sequences x {engine.max_model_len} tokens, "
           f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache; API key {'required' if api_key else 'not required'})",

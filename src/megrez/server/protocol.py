@@ -191,6 +191,7 @@ class GenerationRequest:
     logprobs: int | None = None                # None: none; k: sampled token plus top k
     extra: dict = field(default_factory=dict)
     tools: ToolSpec | None = None              # chat: the functions offered, tool_choice
+    web_search: dict | None = None             # chat: the built-in web_search tool's options ({} = defaults)
     response_format: dict | None = None        # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
 
     def choice_params(self, i: int, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -295,13 +296,38 @@ def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest
     elif get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS) > 0:
         raise invalid("top_logprobs", "requires logprobs to be true")
     params.logprobs = logprobs
+    tools, web_search = body.get("tools"), None
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "web_search" for t in tools):
+        web_search = _web_search(tools, body, n)
+        tools = None
     try:
-        tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        tools = parse_tools(tools, None if web_search is not None else body.get("tool_choice"),
+                            body.get("parallel_tool_calls"))
     except ToolError as e:
         raise invalid(e.param, str(e).split(": ", 1)[1]) from None
     response_format = parse_response_format(body.get("response_format"))
     return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs,
-                             tools=tools, response_format=response_format)
+                             tools=tools, response_format=response_format, web_search=web_search)
+
+
+def _web_search(tools: list, body: dict, n: int) -> dict:
+    """The built-in tool: {"type": "web_search", "web_search": {"max_results": 1-10, "mode": "auto"|"always"}}."""
+    if len(tools) != 1:
+        raise invalid("tools", "the web_search tool cannot be combined with other tools")
+    if n != 1 or body.get("response_format") not in (None, {"type": "text"}) or body.get("logprobs"):
+        raise invalid("tools", "the web_search tool answers with one plain-text choice (n=1, no response_format, "
+                               "no logprobs)")
+    options = tools[0].get("web_search") or {}
+    if not isinstance(options, dict):
+        raise invalid("tools[0].web_search", "expected an object")
+    out = {}
+    if "max_results" in options:
+        out["max_results"] = get_int(options, "max_results", lo=1, hi=10)
+    mode = options.get("mode", "auto")
+    if mode not in ("auto", "always"):
+        raise invalid("tools[0].web_search.mode", "expected 'auto' (the model decides) or 'always'")
+    out["mode"] = mode
+    return out
 
 
 def parse_response_format(rf) -> dict | None:
