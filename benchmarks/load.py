@@ -95,16 +95,36 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict) -> Resul
     return r
 
 
+class ServerError(Exception):
+    """The server cannot be load-tested as asked (unreachable, wrong key, no model)."""
+
+
+async def preflight(client: httpx.AsyncClient, a) -> str:
+    """Checks the server answers and accepts the key before any load is sent; returns the model."""
+    try:
+        resp = await client.get("/v1/models")
+    except httpx.HTTPError as e:
+        raise ServerError(f"cannot reach {a.url} ({type(e).__name__}: {e}); is the server running?") from None
+    if resp.status_code == 401:
+        raise ServerError(f"{a.url} requires an API key and " + (
+            "refused the one given (--api-key / $MEGREZ_API_KEY)" if a.api_key else
+            "none was given: pass --api-key KEY or set MEGREZ_API_KEY"))
+    if resp.status_code != 200:
+        raise ServerError(f"{a.url}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}")
+    models = [m.get("id") for m in resp.json().get("data", [])]
+    if a.model is not None:
+        return a.model
+    if not models:
+        raise ServerError(f"{a.url}/v1/models lists no model; pass --model")
+    return models[0]
+
+
 async def run(a) -> dict:
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     limits = httpx.Limits(max_connections=a.concurrency, max_keepalive_connections=a.concurrency)
     async with httpx.AsyncClient(base_url=a.url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=httpx.Timeout(a.timeout)) as client:
-        model = a.model
-        if model is None:
-            resp = await client.get("/v1/models")
-            resp.raise_for_status()
-            model = resp.json()["data"][0]["id"]
+        model = await preflight(client, a)
         results: list[Result] = []
         seeds = iter(range(a.seed, a.seed + 10 ** 9))
         start = time.perf_counter()
@@ -187,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.concurrency < 1 or a.duration <= 0 or a.max_tokens < 1:
         p.error("--concurrency, --duration and --max-tokens must be positive")
-    summary = asyncio.run(run(a))
+    try:
+        summary = asyncio.run(run(a))
+    except ServerError as e:
+        print(f"load.py: error: {e}", file=sys.stderr)
+        return 2
     print_table(summary)
     print(json.dumps(summary))
     return 0 if summary["errors"] == 0 and summary["requests"] > 0 else 1

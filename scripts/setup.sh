@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs megrez into it, editable, with optional extras:
+# Creates .venv and installs megrez into it (editable), with optional extras:
 #   scripts/setup.sh [serve|test|...]
-# Where torch is missing it installs the pinned torch build; an existing torch (e.g. your
-# CUDA build) is kept, since the package only asks for torch>=2.5.
+# Once done for a given pyproject.toml and set of extras it returns at once (a stamp in .venv
+# records what was installed), so ./run.sh and scripts/test.sh start without running pip.
+# Where torch is missing it installs the pinned CPU build; an existing torch (e.g. your CUDA
+# build) is kept, since the package only asks for torch>=2.5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+stamp=".venv/.megrez-setup${extras:+-$extras}"
+key="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -x .venv/bin/megrez ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+  exit 0
+fi
+say() { printf 'setup: %s\n' "$*" >&2; }
+started=$SECONDS
 if [ ! -x .venv/bin/python ]; then
+  say "creating the virtual environment .venv (first run; about a minute in all)"
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
-  python -m pip install -q "torch==2.13.0"
+  say "installing torch 2.13.0 (CPU build)"
+  python -m pip install --disable-pip-version-check "torch==2.13.0"
 fi
-if [ -n "$extras" ]; then
-  python -m pip install -q -e ".[$extras]"
-else
-  python -m pip install -q -e .
-fi
+say "installing megrez${extras:+[$extras]} (editable) and its dependencies"
+python -m pip install --disable-pip-version-check -e ".${extras:+[$extras]}" \
+  | grep -v --line-buffered '^Requirement already satisfied' || true
+python -c "import megrez" || { say "megrez did not install; see the pip output above"; exit 1; }
+echo "$key" > "$stamp"
+say "ready in $((SECONDS - started))s. To use megrez from any shell: . $PWD/.venv/bin/activate"
+say "(or link it once: ln -s $PWD/.venv/bin/megrez ~/.local/bin/megrez)"

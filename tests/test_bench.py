@@ -1,11 +1,12 @@
 """The benchmark commands run end to end on a tiny shape and report consistent numbers."""
 import json
-import subprocess
 import sys
+
+import timing
 
 
 def run(*args):
-    r = subprocess.run([sys.executable, "-m", "megrez.cli", *args], capture_output=True, text=True, timeout=300)
+    r = timing.run([sys.executable, "-m", "megrez.cli", *args], timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -24,7 +25,7 @@ def test_bench_reports_rooflines():
 
 def test_bench_offload_keeps_tokens_identical():
     out = run("bench-offload", "--shape", "megrez2-mini", "--device", "cpu", "--dtype", "float32",
-              "--budgets", "2MiB", "--batch", "1", "--output", "8", "--kv-cache-memory", "524288")
+              "--budgets", "2MiB", "--batch", "1", "--output", "8", "--kv-cache-memory", "512KiB")
     rows = [r for r in out["rows"] if r["mode"] != "all-on-device"]
     assert {r["mode"] for r in rows} == {"prefetch", "lru", "cache-only", "naive"}
     assert {r["routing"] for r in rows} == {"uniform", "trace"}
@@ -38,3 +39,15 @@ def test_bench_transformers_baseline_on_the_same_weights():
               "--output", "6", "--hf-baseline")
     (hf,) = out["transformers_baseline"]
     assert hf["decode_tokens_per_s"] > 0 and hf["engine_speedup"] > 0
+
+
+def test_a_shape_too_big_for_this_machine_is_refused_before_allocating(monkeypatch, capsys):
+    import megrez.loading
+    from megrez.cli import main
+
+    monkeypatch.setattr(megrez.loading, "available_host_memory", lambda: 8 << 30)
+    assert main(["bench-offload", "--shape", "megrez2-3x7b-a3b", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "8.00 GiB is available" in err and "--shape megrez2-350m" in err
+    assert main(["bench", "--shape", "megrez2-3x7b-a3b", "--device", "cpu"]) == 2
+    assert "needs about" in capsys.readouterr().err

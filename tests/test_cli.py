@@ -1,17 +1,17 @@
 """The command line as a user runs it: a subprocess per command."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+import timing
 
 from megrez import LLM, SamplingParams
 
 
-def megrez(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "megrez.cli", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+def megrez(*args, stdin=None, env=None, timeout=120):
+    return timing.run([sys.executable, "-m", "megrez.cli", *map(str, args)], timeout, input=stdin,
+                      env={**os.environ, **(env or {})})
 
 
 def test_create_tiny_info_and_generate_json(tmp_path):
@@ -83,5 +83,81 @@ def test_verify_against_transformers(tiny_dense, tiny_moe):
     assert r.returncode == 0, r.stderr
     (result,) = json.loads(r.stdout.strip().splitlines()[-1])["results"]
     assert result["max_abs_logit_diff"] <= 1e-4 and result["greedy_tokens_identical"] == 8
+    # A Megrez2 without modeling code: compared with the float64 reference, which must stay
+    # independent of the engine (it imports nothing from the package).
     r = megrez("verify", "--model", tiny_moe)
-    assert r.returncode == 2 and "--trust-remote-code" in r.stderr
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["reference"] == "float64" and "float64 implementation" in r.stdout
+    (result,) = report["results"]
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["greedy_tokens_identical"] == result["greedy_tokens"] == 8
+    import ast
+
+    from megrez import reference
+
+    tree = ast.parse(open(reference.__file__).read())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("megrez") or m.startswith(".")], imported
+    r = megrez("verify", "--model", tiny_moe, "--trust-remote-code")
+    assert r.returncode == 2 and "no auto_map" in r.stderr
+
+
+def _walk(parser, path=()):
+    """Every (command path, parser) of the command line, subcommands included."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                assert helps.get(name), f"megrez {' '.join(path + (name,))} has no help line"
+                yield from _walk(sub, path + (name,))
+
+
+def test_every_command_and_flag_has_help():
+    import argparse
+
+    from megrez.cli import build_parser
+
+    missing = []
+    for path, parser in _walk(build_parser()):
+        for action in parser._actions:
+            if action.dest in ("help", "version") or isinstance(action, argparse._SubParsersAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"megrez {' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, "no help text: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--temprature", "0.2"], "megrez generate: error: unrecognized argument: --temprature "
+                                                  "(did you mean --temperature?)"),
+    (["chat", "--max-token", "3"], "megrez chat: error: unrecognized argument: --max-token (did you mean --max-tokens?)"),
+    (["train", "sft", "--stepz", "3"], "megrez train sft: error: unrecognized argument: --stepz (did you mean --steps?)"),
+    (["chta"], "did you mean 'chat'?"),
+    (["generate", "hi", "--device", "gpu"], "unknown device 'gpu': choose auto, cpu, cuda or cuda:N (did you mean cuda?)"),
+    (["chat", "--gpu-memory-budget", "lots"], "cannot read a memory size from 'lots'"),
+])
+def test_misspelt_flags_get_a_suggestion_from_their_subcommand(args, message, capsys):
+    from megrez.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_version_and_chat_help_lists_the_chat_commands(capsys):
+    from megrez import __version__
+    from megrez.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"megrez {__version__}"
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    out = capsys.readouterr().out
+    for command in ("/help", "/save FILE", "/load FILE", "/system", "/set NAME VALUE", "/reset", "/bye", "/exit"):
+        assert command in out
+    assert "0 means greedy (default: 1.0)" in out.replace("\n", " ").replace("  ", " ") or "(default: 1.0)" in out

@@ -121,6 +121,7 @@ def test_no_weights(ckpt):
     ("rope_scaling", {"rope_type": "yarn", "factor": 4}, "'rope_scaling'"),
     ("num_experts_per_tok", 99, "'num_experts_per_tok': 99"),
     ("architectures", ["GPT2LMHeadModel"], "'architectures'"),
+    ("quantization_config", {"quant_method": "gptq", "bits": 4}, "'quantization_config': quant_method 'gptq'"),
 ])
 def test_unsupported_config_value_names_the_key(ckpt, key, value, message):
     edit_config(ckpt, **{key: value})
@@ -157,7 +158,7 @@ def test_paths_and_offline_hub(tmp_path, monkeypatch):
 
 
 def test_interrupted_save_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
-    import megrez.loading as loading
+    import megrez.loading.safetensors as loading
 
     model = load_model(tiny_moe)
     save_model(model, tmp_path / "out")
@@ -194,7 +195,7 @@ def test_peak_host_memory_stays_near_model_size(tmp_path):
 
 
 def test_auto_dtype_on_cpu_falls_back_to_16_bit_only_when_float32_cannot_fit(tiny_moe, tmp_path, monkeypatch, capsys):
-    import megrez.loading as loading
+    import megrez.loading.model as loading
 
     d = tmp_path / "bf16"
     save_model(load_model(tiny_moe), d, dtype=torch.bfloat16, copy_from=tiny_moe)

@@ -3,10 +3,10 @@ facts, plus one test per architectural rule: the reference with that rule broken
 disagree with the package, so a package that broke the rule would fail the parity test."""
 import pytest
 import torch
-from megrez2_reference import Broken, Megrez2Reference
 
 from megrez import LLM, SamplingParams
 from megrez.loading import load_model
+from megrez.reference import Broken, Megrez2Reference
 
 PROMPT = [5, 77, 300, 12, 640, 9, 81, 433, 2, 150, 700, 61, 18, 290, 404, 33]
 TOL = 1e-4

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import timing
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -29,6 +30,7 @@ from megrez.engine import Engine, SamplingParams  # noqa: E402
 from megrez.llm import LLM  # noqa: E402
 from megrez.loading import load_model  # noqa: E402
 from megrez.server.app import ServerConfig, create_app  # noqa: E402
+from megrez.server.http import loopback_socket, make_server  # noqa: E402
 from megrez.server.protocol import TokenText  # noqa: E402
 from megrez.tiny import create_tiny  # noqa: E402
 from megrez.tokenizer import Tokenizer  # noqa: E402
@@ -47,19 +49,20 @@ def tiny_dir(tmp_path_factory) -> Path:
 class LiveServer:
     """uvicorn on a thread, on a socket bound to a free loopback port."""
 
-    def __init__(self, model_dir: Path, max_request_bytes: int = 64 << 10, **engine_kwargs):
+    def __init__(self, model_dir: Path, max_request_bytes: int = 64 << 10, http: dict | None = None,
+                 config: dict | None = None, **engine_kwargs):
         tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, device="cpu")
         engine_kwargs = {"max_num_seqs": 8, "max_model_len": MAX_LEN, **engine_kwargs}
         self.engine = Engine(model, tokenizer, **engine_kwargs)
         self.tokenizer = tokenizer
         self.app = create_app(self.engine, ServerConfig([MODEL, "alias"], api_key=KEY,
-                                                        max_request_bytes=max_request_bytes))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+                                                        max_request_bytes=max_request_bytes, **(config or {})))
+        sock = loopback_socket()
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(self.app, log_level="warning", on_drain=self.app.state.server.drain,
+                                  **{"shutdown_timeout": 1.0, **(http or {})})
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         wait_healthy(self.url)
@@ -81,8 +84,8 @@ class LiveServer:
 
 
 def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = timing.Deadline(timeout)
+    while not deadline.expired():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
         try:
@@ -95,10 +98,7 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.01)
+    timing.wait_until(condition, timeout, interval=0.01, message="timed out waiting for the server")
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +374,7 @@ def test_disconnect_mid_stream_frees_the_slot(live, client):
     wait_for(lambda: not live.engine.running, timeout=5)
     m = live.metrics()
     assert m["megrez_requests_running"] == 0 and m["megrez_kv_cache_usage_ratio"] == 0
-    assert m["megrez_kv_cache_free_slots"] == live.engine.max_num_seqs
+    assert m['megrez_kv_cache_blocks{state="used"}'] == 0
     assert m['megrez_requests_finished_total{finish_reason="abort"}'] == \
         before.get('megrez_requests_finished_total{finish_reason="abort"}', 0) + 1
     assert m["megrez_generation_tokens_total"] - before["megrez_generation_tokens_total"] < 900
@@ -504,7 +504,10 @@ BAD_INPUTS = [
     _case("top-logprobs-huge", {"messages": USER, "logprobs": True, "top_logprobs": 100}, 400, "top_logprobs"),
     _case("top-logprobs-without-logprobs", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     _case("top-logprobs-negative", {"messages": USER, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
-    _case("logit-bias-unsupported", {"messages": USER, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    _case("logit-bias-not-a-token-id", {"messages": USER, "logit_bias": {"five": 10}}, 400, "logit_bias"),
+    _case("logit-bias-out-of-vocab", {"messages": USER, "logit_bias": {"99999999": 10}}, 400, "logit_bias"),
+    _case("logit-bias-too-strong", {"messages": USER, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    _case("logit-bias-not-object", {"messages": USER, "logit_bias": [5, 10]}, 400, "logit_bias"),
     _case("tool-without-function", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
     _case("model-not-string", {"model": 5, "messages": USER}, 400, "model"),
     _case("prompt-over-context", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages",
@@ -522,7 +525,17 @@ BAD_INPUTS = [
     _case("completion-token-negative", {"prompt": [[1, -3]]}, 400, "prompt", path=COMPLETIONS),
     _case("completion-prompt-object", {"prompt": {"text": "hi"}}, 400, "prompt", path=COMPLETIONS),
     _case("completion-logprobs-huge", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", path=COMPLETIONS),
-    _case("completion-echo-unsupported", {"prompt": "hi", "echo": True}, 400, "echo", path=COMPLETIONS),
+    _case("completion-echo-not-bool", {"prompt": "hi", "echo": "yes"}, 400, "echo", path=COMPLETIONS),
+    _case("completion-suffix-unsupported", {"prompt": "hi", "suffix": "end"}, 400, "suffix", path=COMPLETIONS,
+          code="unsupported_parameter"),
+    _case("completion-max-tokens-negative", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", path=COMPLETIONS),
+    _case("text-plain-body", b'{"messages": [{"role": "user", "content": "hi"}]}', 415,
+          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}, code="unsupported_media_type"),
+    _case("form-body", b"messages=hi", 415, headers={"Authorization": f"Bearer {KEY}",
+                                                     "Content-Type": "application/x-www-form-urlencoded"},
+          code="unsupported_media_type"),
+    _case("tokenize-no-prompt", {"add_special_tokens": True}, 400, "prompt", path="/v1/tokenize"),
+    _case("detokenize-out-of-vocab", {"tokens": [1, 10 ** 9]}, 400, "tokens", path="/v1/detokenize"),
     _case("completion-best-of", {"prompt": "hi", "best_of": 3}, 400, "best_of", path=COMPLETIONS),
     _case("completion-too-many-choices", {"prompt": ["a"] * 8, "n": 16}, 400, "n", path=COMPLETIONS),
     _case("completion-prompt-over-context", {"prompt": [5] * MAX_LEN}, 400, "prompt",
@@ -630,7 +643,7 @@ def serve_process(model_dir, *flags, env=None):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(20)
+            proc.wait(timing.Deadline(20).remaining())
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -673,12 +686,30 @@ def test_serve_rejects_bad_flags(tiny_dir, capsys):
 
 
 def test_load_benchmark_runs_against_the_server(live):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
-                           "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"],
-                          capture_output=True, text=True, timeout=120)
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--api-key", KEY,
+                       "--concurrency", "4", "--duration", "1.5", "--max-tokens", "8"], timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["errors"] == 0 and summary["requests"] >= 4
     assert summary["output_tokens"] == 8 * summary["requests"]
     assert 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
     assert "TTFT" in proc.stdout
+
+
+def test_load_benchmark_without_the_key_says_so(live):
+    env = {k: v for k, v in os.environ.items() if k != "MEGREZ_API_KEY"}
+    proc = timing.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--url", live.url, "--duration", "1"],
+                      timeout=60, env=env)
+    assert proc.returncode == 2 and "requires an API key" in proc.stderr and "--api-key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist: the port is checked first, so that is the error reported.
+        r = timing.run([sys.executable, "-m", "megrez.cli", "serve", "--model", "/no/such/model", "--port", str(port)],
+                       timeout=60)
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in r.stderr

@@ -77,12 +77,12 @@ def live(tmp_path_factory):
     s.prompts, s.script = [], None
     real_add = s.engine.add_request
 
-    def add_request(prompt_ids, params=None, request_id=None, logits_processors=None):
+    def add_request(prompt_ids, params=None, request_id=None, logits_processors=None, **kw):
         s.prompts.append(prompt_ids)
         if s.script is not None:
             stop = s.tokenizer.token_to_id("<|turn_end|>")
             logits_processors = [*(logits_processors or []), Script(s.script, stop)]
-        return real_add(prompt_ids, params, request_id, logits_processors)
+        return real_add(prompt_ids, params, request_id, logits_processors=logits_processors, **kw)
 
     s.engine.add_request = add_request
     yield s

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timing
 import torch
 
 from megrez.models import build_model
@@ -347,6 +348,49 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(100, 1.0, 100, 10, 0.1) == pytest.approx(0.1)
 
 
+def test_default_warmup_follows_the_run_length(tmp_path, tok_dir):
+    # A short run reaches its learning rate (a fixed 100-step warm-up would never get there).
+    res = Trainer(pretrain_cfg(tmp_path, tok_dir, steps=16, warmup_steps=None, save_every=100, eval_every=100))
+    assert res.warmup_steps == 2
+    res.run()
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert max(lrs) == pytest.approx(3e-3)
+    from megrez.train.trainer import default_warmup
+
+    assert [default_warmup(n) for n in (1, 16, 300, 5000)] == [1, 2, 30, 100]
+    assert TrainConfig().bias_update_rate == 1e-2  # what docs/training.md recommends for runs like these
+
+
+def test_ctrl_c_saves_and_a_finished_run_says_so(tmp_path, tok_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megrez.cli", "train", "pretrain", "--preset", "megrez2-test", "--tokenizer",
+           str(tok_dir), "--data", str(corpus), "--out", str(out), "--seq-len", "32", "--batch-size", "2",
+           "--steps", "100000", "--log-every", "1", "--save-every", "100000", "--eval-every", "100000", "--no-plots"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    try:
+        timing.wait_until(lambda: metrics.is_file() and metrics.read_text().count('"loss"') >= 3, timeout=120,
+                          interval=0.2, message="training did not start")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=timing.Deadline(30).remaining())
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    step = ckpt.complete_checkpoints(out / "checkpoints")[-1][0]
+    assert step >= 3 and f"interrupted at step {step}/100000: saved {out}/checkpoints/step_{step:06d}" in stderr
+    # Asking for no more steps than are done: nothing to train, said so, the final model written.
+    r = timing.run(cmd[:cmd.index("--steps") + 1] + [str(step)] + cmd[cmd.index("--steps") + 2:], timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"already trained: {step}/{step} steps done" in r.stderr and (out / "final/config.json").is_file()
+
+
 # ------------------------------------------------------------------------------ trainer
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, tok_dir):
@@ -461,7 +505,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
     STEPS = 300
     cmd, straight = command("straight")
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    timing.run(cmd, timeout=300, env=env, check=True)
     duration = time.perf_counter() - t0
     cmd, killed = command("killed")
     rng = random.Random(0)
@@ -473,7 +517,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    timing.run(cmd, timeout=300, env=env, check=True)
     assert kills >= 3
     assert losses(killed) == losses(straight)
     assert [s for s, _ in ckpt.complete_checkpoints(killed / "checkpoints")][-1] == STEPS

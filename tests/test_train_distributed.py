@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import timing
 import torch
 from safetensors.torch import load_file
 from test_train import pretrain_cfg, tok_dir  # noqa: F401  (fixture)
@@ -30,9 +30,9 @@ def test_two_process_fsdp_step_matches_one_process(tmp_path, tok_dir):  # noqa: 
     conf = {k: v for k, v in vars(cfg).items() if k != "stage"}
     (tmp_path / "dist.json").write_text(json.dumps(conf, default=list))
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "megrez.cli", "train", "pretrain", "--config", str(tmp_path / "dist.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = timing.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                       "-m", "megrez.cli", "train", "pretrain", "--config", str(tmp_path / "dist.json")],
+                      timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["world_size"] == 2 for r in reports)

@@ -20,11 +20,44 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .engine import Engine, SamplingParams
+from .engine.offload import format_bytes
 from .loading import materialize, resolve_device, resolve_dtype
 from .models import build_model
 from .presets import PRESETS
 
 SHAPES = PRESETS
+
+
+def shape_bytes(shape: str, dtype: torch.dtype, kv_heads: int | None = None) -> dict:
+    """Bytes of a named shape's weights in ``dtype``: routed experts and everything else."""
+    config = dict(SHAPES[shape])
+    if kv_heads:
+        config["num_key_value_heads"] = kv_heads
+    with torch.device("meta"):
+        model = build_model(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * size
+    return {"experts": experts, "rest": sum(p.numel() for p in model.parameters()) * size - experts}
+
+
+def require_memory(shape: str, dtype: torch.dtype, device: torch.device, need: int, what: str) -> None:
+    """Refuse, before allocating anything, a run that cannot fit in the memory it would use."""
+    from .loading import available_host_memory
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_host_memory()
+    if free is None or need <= 0.9 * free:
+        return
+    where = "GPU" if device.type == "cuda" else "host"
+    hint = ""
+    if device.type == "cpu":
+        small = [s for s in ("megrez2-350m", "megrez2-mini") if s in SHAPES and s != shape]
+        hint = (f" It is meant for a GPU (--device cuda; none is available here); on this machine try a smaller "
+                f"shape: --shape {' or --shape '.join(small)}")
+    raise ValueError(f"--shape {shape} in {str(dtype).replace('torch.', '')} needs about {format_bytes(need)} of "
+                     f"{where} memory ({what}) and {format_bytes(free)} is available.{hint}")
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
@@ -217,6 +250,8 @@ def bench(a) -> dict:
         name = str(a.model)
     else:
         dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
+        sizes = shape_bytes(a.shape, dtype, a.kv_heads)
+        require_memory(a.shape, dtype, device, sizes["experts"] + sizes["rest"], "its weights")
         model = random_model(a.shape, device, dtype, a.kv_heads)
         name = a.shape
     bw = measure_read_bandwidth(device)
@@ -322,16 +357,19 @@ def device_name(device: torch.device) -> str:
 
 
 def register(sub) -> None:
+    from .cli import device_arg
+
     p = sub.add_parser("bench", help="measure prefill/decode speed against measured hardware ceilings")
     p.add_argument("--shape", default="megrez2-350m", choices=sorted(SHAPES),
                    help="named model shape with random weights (megrez.presets; default: megrez2-350m)")
     p.add_argument("--model", default=None, help="benchmark a checkpoint instead of a random shape")
     p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--prompt", type=int, nargs="+", default=[128])
-    p.add_argument("--output", type=int, default=64)
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to run (sequences decoded together)")
+    p.add_argument("--prompt", type=int, nargs="+", default=[128], help="prompt lengths to run, in tokens")
+    p.add_argument("--output", type=int, default=64, help="tokens to decode per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="Llama shapes: also time transformers' generate on the same weights and report the ratio")

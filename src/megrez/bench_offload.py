@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .bench import SHAPES, best_time, device_name, random_model, sync
+from .bench import SHAPES, best_time, device_name, random_model, require_memory, shape_bytes, sync
 from .engine import Engine, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .loading import resolve_device, resolve_dtype
@@ -153,6 +153,18 @@ def set_banks(model, banks):
 def bench(a) -> dict:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
+    sizes = shape_bytes(a.shape, dtype, a.kv_heads)
+    # Experts live in host memory; the all-on-device reference puts a second copy on the device.
+    reference = sizes["experts"] if a.reference else 0
+    if device.type == "cpu":
+        require_memory(a.shape, dtype, device, sizes["rest"] + sizes["experts"] + reference,
+                       "the weights, and the experts twice for the all-on-device reference" if a.reference
+                       else "the weights")
+    else:
+        require_memory(a.shape, dtype, torch.device("cpu"), sizes["experts"], "the routed experts in host memory")
+        require_memory(a.shape, dtype, device, sizes["rest"] + reference,
+                       "the non-expert weights and the all-on-device reference's experts" if a.reference
+                       else "the non-expert weights")
     model = random_model(a.shape, device, dtype, a.kv_heads, expert_device=torch.device("cpu"))
     args = model.args
     moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
@@ -236,20 +248,30 @@ def _fmt(v):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench-offload", help="decode speed with experts offloaded, swept over memory budgets")
-    p.add_argument("--shape", default="megrez2-350m", choices=sorted(k for k in SHAPES if k.startswith("megrez2")))
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--budgets", nargs="+", default=["5GiB", "6GiB", "8GiB", "10GiB", "12GiB"])
+    from .cli import device_arg, size_arg, size_text
+
+    p = sub.add_parser("bench-offload", help="decode speed with experts offloaded, swept over memory budgets",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="megrez2-350m", choices=sorted(k for k in SHAPES if k.startswith("megrez2")),
+                   help="named Megrez2 shape with random weights (megrez.presets)")
+    p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--budgets", nargs="+", default=["5GiB", "6GiB", "8GiB", "10GiB", "12GiB"], type=size_text,
+                   metavar="SIZE", help="device memory budgets to sweep (e.g. 6GiB, 512MiB)")
     p.add_argument("--modes", nargs="+", default=["prefetch", "lru", "cache-only", "naive"],
-                   choices=["prefetch", "lru", "cache-only", "naive"])
-    p.add_argument("--routing", nargs="+", default=["uniform", "trace"], choices=["uniform", "trace"])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--output", type=int, default=64)
-    p.add_argument("--kv-cache-memory", type=int, default=256 << 20)
+                   choices=["prefetch", "lru", "cache-only", "naive"],
+                   help="prefetch: the engine; lru: prefetch with plain LRU; cache-only: no prefetch; "
+                        "naive: on-demand loads, no reuse")
+    p.add_argument("--routing", nargs="+", default=["uniform", "trace"], choices=["uniform", "trace"],
+                   help="uniform: the random router; trace: a synthetic trace with a trained MoE's locality")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to run")
+    p.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--output", type=int, default=64, help="tokens to decode per sequence")
+    p.add_argument("--kv-cache-memory", type=size_arg, default=256 << 20, metavar="SIZE",
+                   help="KV cache inside each budget, e.g. 512KiB or 256MiB (default: 256MiB)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the all-on-device run (it needs the whole model on the device)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and requests")
     p.set_defaults(func=lambda a: bench(a) and 0)

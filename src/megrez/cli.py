@@ -1,21 +1,112 @@
 """The ``megrez`` command line.
 
     megrez generate "你好" --model DIR_OR_HUB_ID       one completion (chat template applied)
-    megrez chat --model DIR_OR_HUB_ID                 interactive, streaming; /reset, /exit
+    megrez chat --model DIR_OR_HUB_ID                 interactive, streaming; /help lists its commands
     megrez info DIR_OR_HUB_ID                         layer layout, parameters, memory
     megrez create-tiny OUT --arch moe|dense           a small random checkpoint
 
 Without ``--model``, the default model is used (see ``megrez.llm.default_model``).
+
+``add_model_args``/``make_llm`` are the one place for model flags, ``add_sampling_args`` for
+sampling flags; subcommands in other modules register through ``_extra_commands``. Every
+parser is a :class:`Parser`: no abbreviated options (a new flag never breaks an old command
+line), and a misspelt option or command gets a suggestion.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 import time
 
-from .engine.offload import format_bytes
+from .engine.offload import format_bytes, parse_bytes
 from .engine.sampling import SamplingParams
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default unless its help already speaks of one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default in (None, False, argparse.SUPPRESS) or default == []
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations, whose errors name the subcommand at fault and suggest
+    the closest option or choice."""
+
+    _deepest: "Parser | None" = None
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        Parser._deepest = self  # subcommand parsers run inside their parent's call: the last is the leaf
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        Parser._deepest = None
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            leaf = Parser._deepest or self
+            leaf.error(leaf.unrecognized(extras))
+        return ns
+
+    def unrecognized(self, extras: list[str]) -> str:
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        flags = [a for a in extras if a.startswith("-")]
+        notes = []
+        for arg in flags or extras:  # values after an unknown option are not worth naming
+            if arg.startswith("-"):
+                close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1, cutoff=0.6)
+                notes.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            else:
+                notes.append(repr(arg))
+        extras = flags or extras
+        return f"unrecognized argument{'s' if len(extras) > 1 else ''}: {', '.join(notes)}"
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def device_arg(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda, cuda:N (mps where torch has it)."""
+    if not DEVICE.match(text):
+        hint = " (did you mean cuda?)" if text.lower().startswith(("gpu", "nvidia")) else ""
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: choose auto, cpu, cuda or cuda:N{hint}")
+    return text
+
+
+def size_arg(text: str) -> int:
+    """argparse type for memory sizes: 512KiB, 6GiB, 1.5G, 2GB or bytes (binary units)."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size_text(text: str) -> str:
+    """Like size_arg, but keeps the text as written (for labels in reports)."""
+    size_arg(text)
+    return text
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
@@ -23,14 +114,14 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     if model_optional:
         g.add_argument("--model", "-m", default=None,
                        help="checkpoint directory or Hugging Face hub id (default: the bundled/tiny model)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: float32 on CPU, the checkpoint's dtype on GPU)")
     g.add_argument("--router-bias", default=None, choices=["own", "owner", "none"],
                    help="Megrez2: whose e_score_correction_bias each layer selects experts with "
                         "(own = llama.cpp; owner = SGLang demo; none = vLLM with the official patch)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length to allocate (default: model's)")
-    g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE",
+    g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", type=size_arg,
                    help="Megrez2: device memory to use (e.g. 6GiB); routed experts stay in host memory and "
                         "are cached on the device, prefetched from the pre-gate")
     g.add_argument("--offload-policy", default="group", choices=["group", "lru"],
@@ -43,14 +134,18 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (unset: generation_config.json, else built-in defaults)")
-    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=None)
-    g.add_argument("--temperature", "-t", type=float, default=None, help="0 means greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = p.add_argument_group("sampling (unset: the checkpoint's generation_config.json, else the default shown)")
+    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=None, metavar="N",
+                   help="most tokens to generate (default: none: until a stop token or string, or a full context)")
+    g.add_argument("--temperature", "-t", type=float, default=None, metavar="T",
+                   help="0 means greedy (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass (default: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (default: 0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide the logits of tokens already seen (default: 1.0, off)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable; default: none)")
 
 
 def sampling_from_args(a) -> SamplingParams:
@@ -70,6 +165,22 @@ def make_llm(a, max_num_seqs: int = 1, kv_cache_memory: int | None = None, **eng
     return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, max_model_len=a.max_model_len,
                max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory, gpu_memory_budget=a.gpu_memory_budget,
                offload_policy=a.offload_policy, prefetch=not a.no_prefetch, **engine_options)
+
+
+def announce_template(llm) -> None:
+    """Say so when the checkpoint has no chat template of its own and the built-in one is used."""
+    if llm.tokenizer.chat_template_source != "tokenizer_config.json":
+        print(f"megrez: {llm.path} has no chat_template (tokenizer_config.json or chat_template.jinja); "
+              f"using the built-in Megrez chat format", file=sys.stderr)
+
+
+def cut_notice(completion_tokens: int, finish_reason: str | None, params, max_model_len: int) -> str | None:
+    """Why an answer ended early, for the user (None when it ended by itself)."""
+    if finish_reason != "length":
+        return None
+    if params.max_tokens is not None and completion_tokens >= params.max_tokens:
+        return f"answer cut at max_tokens={params.max_tokens} (--max-tokens N for longer answers)"
+    return f"answer cut: the {max_model_len}-token context is full"
 
 
 def report(llm, a, seconds: float) -> None:
@@ -135,6 +246,7 @@ def cmd_generate(a) -> int:
     elif a.raw:
         ids = llm.tokenizer.encode(a.prompt)
     else:
+        announce_template(llm)
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
         ids = llm.tokenizer.encode_chat(messages)
@@ -144,70 +256,37 @@ def cmd_generate(a) -> int:
                           "prompt_tokens": out.prompt_tokens}, ensure_ascii=False))
         return 0
     start = time.perf_counter()
-    for delta in llm.stream(ids, params, **constraint):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    last = None
+    processors = llm.constraint_processors(**constraint) if constraint else None
+    for last in llm.stream_outputs(ids, params, processors):
+        if last.new_text:
+            sys.stdout.write(last.new_text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    note = cut_notice(last.completion_tokens, last.finish_reason, llm.last_request.params, llm.engine.max_model_len)
+    if note:
+        print(f"megrez: {note}", file=sys.stderr)
     report(llm, a, time.perf_counter() - start)
     return 0
 
 
 def cmd_chat(a) -> int:
+    from .chat import ChatSession, repl
+
     params = sampling_from_args(a)
     llm = make_llm(a)
-    agent = None
-    if a.search:
-        from .search.cli import make_agent, run_turn
+    announce_template(llm)
+    if a.search:  # the search loop keeps its own history (calls and observations too)
+        from .search.cli import search_session
 
-        agent = make_agent(llm, a)
-    interactive = sys.stdin.isatty()
-    system = [{"role": "system", "content": a.system}] if a.system else []
-    history: list[dict] = []
-    if interactive:
-        print(f"megrez chat ({llm.path}); /reset clears the conversation, /exit quits", file=sys.stderr)
-    while True:
-        if interactive:
-            try:
-                line = input("> ")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-        else:
-            line = sys.stdin.readline()
-            if not line:
-                return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = []
-            if agent is not None:
-                agent.reset()
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if agent is not None:  # the search loop keeps its own history (calls and observations too)
-            try:
-                run_turn(agent, line)
-            except KeyboardInterrupt:
-                print("\n(interrupted)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        reply = []
-        start = time.perf_counter()
-        try:
-            for delta in llm.chat_stream(system + history, params):
-                reply.append(delta)
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        report(llm, a, time.perf_counter() - start)
-        history.append({"role": "assistant", "content": "".join(reply)})
+        session = search_session(llm, a, params, system=a.system,
+                                 after_answer=lambda seconds: report(llm, a, seconds))
+    else:
+        session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
+    if a.load:
+        session.load(a.load)
+    return repl(session)
 
 
 def cmd_info(a) -> int:
@@ -287,15 +366,20 @@ def cmd_create_tiny(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megrez", description="Run, serve and train Megrez models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+    from .chat import INPUT_HELP, commands_help
 
-    p = sub.add_parser("generate", help="generate one completion")
+    parser = Parser(prog="megrez", description="Run, serve and train Megrez models.")
+    parser.add_argument("--version", action="version", version=f"megrez {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate one completion (chat template applied unless --raw)",
+                       description="Generate one answer and stream it to stdout.")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (or pipe it on stdin)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text (no template)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    p.add_argument("--json", action="store_true", help="print one JSON object with token_ids, text and finish_reason")
     p.add_argument("--json-schema", default=None, metavar="SCHEMA",
                    help="constrain the answer to this JSON schema (inline JSON or a file)")
     p.add_argument("--grammar", default=None, metavar="FILE",
@@ -304,8 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat (streams; reads piped stdin line by line)")
-    p.add_argument("--system", default=None, help="system message")
+    p = sub.add_parser("chat", help="interactive chat (streams; reads piped stdin one message per line)",
+                       description="Chat with a model in the terminal. The conversation outlives the context: "
+                                   "the oldest turns are left out when it no longer fits (the system prompt stays).",
+                       epilog=f"In the chat:\n{commands_help()}\n\n{INPUT_HELP}",
+                       formatter_class=type("ChatHelp", (HelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--load", default=None, metavar="FILE", help="start from a conversation saved with /save")
     add_model_args(p)
     add_sampling_args(p)
     from .search.cli import add_search_args
@@ -319,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-tiny", help="write a small random checkpoint in the official format")
     p.add_argument("out", help="output directory")
-    p.add_argument("--arch", default="moe", choices=["moe", "dense"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="moe", choices=["moe", "dense"],
+                   help="moe: a Megrez2 (MegrezMoeForCausalLM, shared experts, pre-gated); dense: a Llama like "
+                        "Megrez-3B-Instruct")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_create_tiny)
 
@@ -335,7 +426,7 @@ def _extra_commands():
 
     found = []
     for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify",
-                "megrez.search.cli"):
+                "megrez.eval.cli", "megrez.search.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:
@@ -357,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megrez: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("megrez: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

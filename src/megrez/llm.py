@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .engine import Engine, SamplingParams
+from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
@@ -177,21 +177,33 @@ class LLM:
         """Text deltas of one completion as they are generated (constrained as in generate)."""
         processors = None
         if json_schema is not None or grammar is not None:
-            processors = self._constraint(json_schema, grammar)[1].processors()
+            processors = self.constraint_processors(json_schema, grammar)
         return self._stream(self.encode_prompt(prompt), params, processors)
+
+    def constraint_processors(self, json_schema=None, grammar: str | None = None) -> list:
+        """Logits processors for one request that keep it to a JSON schema or a grammar."""
+        return self._constraint(json_schema, grammar)[1].processors()
 
     def chat_stream(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Iterator[str]:
         return self._stream(self.tokenizer.encode_chat(messages, **template_kwargs), params)
 
     def _stream(self, ids: list[int], params, processors=None) -> Iterator[str]:
+        for out in self.stream_outputs(ids, params, processors):
+            if out.new_text:
+                yield out.new_text
+
+    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None,
+                       processors=None) -> Iterator[RequestOutput]:
+        """Every engine step's output for one request (token ids, text delta, finish reason),
+        text or not, so a caller can stop between any two steps. Closing the iterator early
+        cancels the request and frees its cache slot. ``processors``: its logits processors."""
         req = self.engine.add_request(ids, params, logits_processors=processors)
         self.last_request = req
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id == req.request_id:
-                        if out.new_text:
-                            yield out.new_text
+                        yield out
                         if out.finished:
                             return
         finally:

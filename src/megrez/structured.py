@@ -91,9 +91,14 @@ class Structured:
             self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
         return self._compiler
 
+    def chat_messages(self, messages: list[dict], tools: ToolSpec | None) -> tuple[list[dict], dict]:
+        """(messages, chat-template keyword arguments) with the tools and the calls and results
+        in the model's format (ValueError for a call whose arguments are not JSON)."""
+        return render_messages(self.tokenizer, messages, tools.offered if tools else [], self.clock())
+
     def chat_prompt(self, messages: list[dict], tools: ToolSpec | None) -> list[int]:
         """Token ids of a conversation, tools included (ValueError if it cannot be rendered)."""
-        msgs, kwargs = render_messages(self.tokenizer, messages, tools.offered if tools else [], self.clock())
+        msgs, kwargs = self.chat_messages(messages, tools)
         return self.tokenizer.encode_chat(msgs, **kwargs)
 
     def plan(self, tools: ToolSpec | None = None, response_format: dict | None = None,

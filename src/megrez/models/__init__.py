@@ -28,11 +28,29 @@ def model_module(config: dict, source: str = "config.json"):
                       f"(model_type {mtype!r}); supported: {', '.join(ARCHITECTURES)}")
 
 
+# quantization_config["quant_method"] values this engine loads; any other is refused rather
+# than read as if the stored tensors were plain weights.
+SUPPORTED_QUANT_METHODS: set[str] = set()
+
+
+def check_quantization(config: dict, source: str = "config.json") -> None:
+    q = config.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method not in SUPPORTED_QUANT_METHODS:
+        supported = ", ".join(sorted(SUPPORTED_QUANT_METHODS)) or "none yet: use the unquantized checkpoint"
+        raise ConfigError(f"{source}: unsupported value for 'quantization_config': quant_method {method!r} "
+                          f"(supported: {supported})")
+
+
 def build_model(config: dict, source: str = "config.json", **overrides):
     """ModelArgs and an uninitialised Model (no memory is touched when built under a meta device)."""
+    check_quantization(config, source)
     module = model_module(config, source)
     args = module.ModelArgs.from_dict({**config, **overrides}, source)
     return module.Model(args)
 
 
-__all__ = ["ARCHITECTURES", "ConfigError", "build_model", "model_module"]
+__all__ = ["ARCHITECTURES", "ConfigError", "SUPPORTED_QUANT_METHODS", "build_model", "check_quantization",
+           "model_module"]

@@ -31,6 +31,31 @@ def make_agent(llm, a):
                           citation_style=style, force_search=a.search == "always")
 
 
+def search_session(llm, a, params, **kw):
+    """A ``megrez chat`` session whose turns go through the search loop (``/reset``, ``/save``
+    and the rest of the REPL work as usual; the conversation holds the raw turns)."""
+    from ..chat import ChatSession
+
+    agent = make_agent(llm, a)
+
+    class SearchSession(ChatSession):
+        def ask(self, text: str) -> str | None:
+            import time
+
+            t0 = time.perf_counter()
+            answer = run_turn(agent, text, self.out, self.err)
+            self.messages = list(agent.history)
+            if self.after_answer is not None:
+                self.after_answer(time.perf_counter() - t0)
+            return answer
+
+        def reset(self) -> None:
+            super().reset()
+            agent.reset()
+
+    return SearchSession(llm, params, **kw)
+
+
 def run_turn(agent, question: str, out=sys.stdout, err=sys.stderr) -> str:
     """One user turn: progress on ``err``, the answer (citations as links) on ``out``."""
     answer = ""
@@ -62,10 +87,10 @@ def register(sub) -> None:
                         ("search", "run a query against the index"), ("info", "what the index holds")):
         q = isub.add_parser(name, help=help_)
         if name == "add":
-            q.add_argument("dir")
+            q.add_argument("dir", help="folder of documents (searched recursively)")
         elif name == "search":
-            q.add_argument("query")
-            q.add_argument("-k", type=int, default=5)
+            q.add_argument("query", help="words or Chinese text to look for")
+            q.add_argument("-k", type=int, default=5, help="results to show (default 5)")
         q.add_argument("--index", default=None, help="index file (default: $MEGREZ_CACHE/search/index.sqlite)")
         q.set_defaults(func=cmd_index)
 

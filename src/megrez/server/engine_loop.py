@@ -24,7 +24,12 @@ FAILURES_UNHEALTHY = 3  # consecutive failed steps after which /health reports 5
 
 
 class EngineFailed(RuntimeError):
-    """The engine raised while stepping; the requests in that step were cancelled."""
+    """The engine raised while stepping (the requests in that step were cancelled), or the
+    server is shutting down; ``status`` and ``code`` are what the client is told."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "engine_error"):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass
@@ -97,6 +102,14 @@ class EngineLoop:
     @property
     def active(self) -> int:
         return len(self._entries)
+
+    def fail_all(self, error: EngineFailed) -> None:
+        """End every request in flight with ``error`` (event loop thread; used at shutdown)."""
+        rids = list(self._entries)
+        self._fail(rids, error)
+        for rid in rids:
+            self.engine.abort(rid)
+        self._wake.set()
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         for out in outputs:

@@ -29,7 +29,9 @@ HELP = {
     "preset": "train from scratch with this size (see `megrez train presets`)",
     "model_overrides": "JSON object of config.json keys set on top of the preset",
     "loss": "per_token, or turn (each assistant turn averaged, then turns averaged; the default of sft)",
-    "bias_update_rate": "auxiliary-loss-free balancing: routing-bias change per step (0 disables)",
+    "bias_update_rate": "auxiliary-loss-free balancing: routing-bias change per step (0 disables; DeepSeek-V3 "
+                        "uses 1e-3 over very long runs)",
+    "warmup_steps": "linear learning-rate warm-up (default: a tenth of the run, at most 100 steps)",
     "aux_loss_weight": "weight of the sequence-wise balance loss (0 disables)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU",
     "attention": "packed attention: auto = FlexAttention on CUDA, dense mask on CPU",
@@ -39,22 +41,25 @@ HELP = {
 }
 
 
-def _add_field(group, f) -> None:
+def _add_field(group, f, help_text: str | None = None) -> None:
     flag = "--" + f.name.replace("_", "-")
     kind = str(f.type)  # field types are strings (postponed annotations)
     value = f.default_factory() if f.default is MISSING else f.default
-    text = (HELP.get(f.name, "") + f" (default: {value})").strip().replace("%", "%%")
+    text = HELP.get(f.name, "") if help_text is None else help_text
+    if "default" not in text:
+        text = f"{text} (default: {value})".strip()
+    text = text.replace("%", "%%")
     default = argparse.SUPPRESS  # unset flags do not override the config file
     if kind == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     elif kind.startswith("list"):
         group.add_argument(flag, nargs="+", default=default, help=text)
-    elif kind == "dict":
+    elif kind.startswith("dict"):
         group.add_argument(flag, type=json.loads, default=default, help=text)
     elif kind.startswith("tuple"):
         group.add_argument(flag, nargs=2, type=float, default=default, help=text)
     else:
-        conv = int if "int" in kind else float if "float" in kind else str
+        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         group.add_argument(flag, type=conv, default=default, help=text)
 
 
@@ -93,6 +98,8 @@ def cmd_train(a) -> int:
         rank, world = distributed.rank(), distributed.world_size()
     finally:
         distributed.cleanup()
+    if summary.get("interrupted"):
+        return 130
     # One summary line per process: under torchrun every rank reports the (all-reduced) losses.
     short = {k: v for k, v in summary.items() if k != "losses"}
     if world > 1:
@@ -128,6 +135,9 @@ def register(subparsers) -> None:
         sp = sub.add_parser(stage, help=text)
         add_train_args(sp)
         sp.set_defaults(func=cmd_train)
+    from .rl_cli import register as register_rl
+
+    register_rl(sub)
     sp = sub.add_parser("presets", help="list the named model sizes")
-    sp.add_argument("--vocab-size", type=int, default=32768)
+    sp.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size to count parameters with")
     sp.set_defaults(func=cmd_presets)

@@ -17,6 +17,9 @@ import contextlib
 import functools
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -71,13 +74,13 @@ class TrainConfig:
     epochs: float | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int | None = None          # None: a tenth of the run, at most 100 steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     loss: str = "per_token"                  # per_token | turn
     # MoE
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float = 1e-2
     aux_loss_weight: float = 0.0
     # execution
     device: str = "auto"
@@ -241,6 +244,7 @@ class Trainer:
             self.total_steps = cfg.steps
         else:
             self.total_steps = max(1, math.floor(cfg.epochs * self.loader.steps_per_epoch / cfg.grad_accum))
+        self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.metrics_path = self.out / "metrics.jsonl"
         self.losses: list[float] = []
         self.last_eval: dict = {}
@@ -258,7 +262,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        set_lr(self.optimizer, lr := lr_at(self.step, cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        set_lr(self.optimizer, lr := lr_at(self.step, cfg.lr, self.total_steps, self.warmup_steps, cfg.min_lr_ratio))
         micro = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
         count = distributed.all_reduce_sum(torch.tensor(float(sum(loss_count(b, cfg.loss) for b in micro)),
                                                         device=self.device))
@@ -320,10 +324,10 @@ class Trainer:
             out["val_turn_loss"] = float(sums[2] / sums[3].clamp_min(1))
         return out
 
-    def save(self) -> None:
+    def save(self) -> Path:
         state = {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
                  "config": _jsonable(asdict(self.cfg))}
-        ckpt.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.tok_dir,
+        return ckpt.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.tok_dir,
                              self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
@@ -338,7 +342,51 @@ class Trainer:
         return final
 
     # ------------------------------------------------------------------------------ run
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"megrez train: {text}", file=sys.stderr, flush=True)
+
     def run(self) -> dict:
+        if self.state is not None and self.step >= self.total_steps:
+            final = self.out / "final"
+            self.say(f"{self.out} is already trained: {self.step}/{self.total_steps} steps done"
+                     f"{'' if (final / 'config.json').is_file() else '; writing ' + str(final)}. Nothing to do: "
+                     f"give more --steps (or --epochs) to train further, or a new --out to start over")
+            if not (final / "config.json").is_file():
+                self.export()
+            return {"step": self.step, "losses": [], "stopped": False, "already_done": True, "final": str(final)}
+        with self.interruptible() as interrupted:
+            return self._run(interrupted)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save; a
+        second Ctrl-C stops at once (checkpoints are written atomically, so none is left half-done)."""
+        flag = threading.Event()
+        if threading.current_thread() is not threading.main_thread():
+            yield flag
+            return
+
+        def on_signal(signum, frame):
+            if flag.is_set():
+                raise KeyboardInterrupt
+            flag.set()
+            self.say("stopping after this step to save a checkpoint (Ctrl-C again to quit without saving)")
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield flag
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _interrupted(self, flag: threading.Event) -> bool:
+        if self.world == 1:
+            return flag.is_set()
+        # Every rank must take the same decision, or the others would wait on a collective forever.
+        return bool(distributed.all_reduce_sum(torch.tensor(float(flag.is_set()), device=self.device)) > 0)
+
+    def _run(self, interrupted: threading.Event) -> dict:
         cfg = self.cfg
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -359,6 +407,13 @@ class Trainer:
         start_step, window, t_window = self.step, [], 0.0
         stopped = False
         while self.step < self.total_steps:
+            if self._interrupted(interrupted):
+                bar.close()
+                where = self.save()
+                self.say(f"interrupted at step {self.step}/{self.total_steps}: saved {where}; "
+                         f"run the same command again to resume from it")
+                return {"step": self.step, "losses": self.losses, "stopped": True, "interrupted": True,
+                        **self.last_eval}
             if cfg.stop_after is not None and self.step - start_step >= cfg.stop_after:
                 stopped = True  # as if the process had been killed here
                 break
@@ -400,6 +455,12 @@ class Trainer:
         if not stopped:
             summary["final"] = str(self.export())
         return summary
+
+
+def default_warmup(total_steps: int) -> int:
+    """Warm-up when none is given: a tenth of the run, at least 1 and at most 100 steps, so a
+    short run reaches its learning rate and a long one warms up as usual."""
+    return max(1, min(100, round(total_steps / 10)))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,6 +1,8 @@
-"""An independent float64 Megrez2 forward pass, written from the architecture facts
-(ARCHITECTURE-FACTS.md §3-5) and sharing no code with the package. No cache, no batching
-tricks: the whole sequence is recomputed for every call.
+"""An independent float64 Megrez2 forward pass, written from the architecture description
+(cross-layer expert sharing, pre-gated routing, group-limited sigmoid routing) and sharing no
+code with the rest of the package: it imports nothing from it (tested). No cache, no batching
+tricks: the whole sequence is recomputed for every call. The parity tests and ``megrez
+verify`` compare the engine with it.
 
 ``Broken`` switches each break one architectural rule on purpose; the tests use them to
 show that the checkpoint is sensitive to every rule the package must honour.

@@ -1,0 +1,143 @@
+"""Building a model from a checkpoint: allocate it from its meta-device skeleton, then copy
+each checkpoint tensor into place, one at a time.
+
+Loading never holds more than the model plus one tensor in host memory: parameters are
+allocated once in the target dtype/device, and each checkpoint tensor is read from its
+file on its own and copied (and cast) into place. (Memory-mapping whole shards would keep
+every page read so far resident until the shard is closed: up to a second model's worth.)
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ..models import build_model
+from .common import (
+    DTYPES,
+    CheckpointError,
+    available_host_memory,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
+from .safetensors import SafetensorsFile, checkpoint_shards
+
+# Tensors some exporters write that carry no weights of their own.
+IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                expert_device: torch.device | None = None) -> None:
+    """Allocate a meta-built model on ``device`` in ``dtype`` (routing biases stay float32).
+    With ``expert_device``, routed expert banks go there instead (host memory for offloading;
+    pinned when a GPU is present, so copies to it can be asynchronous)."""
+    from ..models.moe import ExpertBank
+
+    model.to(dtype)
+    for module in model.modules():
+        for name in getattr(module, "float32_buffers", ()):
+            setattr(module, name, getattr(module, name).float())
+    pin = expert_device is not None and expert_device.type == "cpu" and torch.cuda.is_available()
+    for module in model.modules():
+        target = expert_device if (expert_device is not None and isinstance(module, ExpertBank)) else device
+        for name, p in module.named_parameters(recurse=False):
+            fresh = torch.empty(p.shape, dtype=p.dtype, device=target, pin_memory=pin and target == expert_device)
+            module._parameters[name] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=target)
+    if getattr(model.args, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: bool | None = None,
+               expert_device: str | torch.device | None = None, **overrides):
+    """Load a checkpoint directory (or hub id). Returns the model in eval mode, without grads.
+
+    ``overrides`` are config values set on top of config.json (e.g. ``router_bias="owner"``);
+    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading)."""
+    path = resolve_model_path(path)
+    config = read_json(path / "config.json")
+    device = resolve_device(device)
+    auto = dtype in (None, "auto")
+    dtype = resolve_dtype(dtype, config, device)
+    with torch.device("meta"):
+        model = build_model(config, source=str(path / "config.json"), **overrides)
+    if auto and device.type == "cpu" and dtype == torch.float32:
+        dtype = _fit_host_memory(model, config)
+    materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
+    load_weights(model, checkpoint_shards(path), progress=progress)
+    model.hf_config = config
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _fit_host_memory(model, config: dict) -> torch.dtype:
+    """float32 on a CPU unless it cannot fit: then the checkpoint's own 16-bit dtype, said aloud."""
+    stored = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "", torch.float32)
+    need = sum(p.numel() for p in model.parameters()) * 4
+    free = available_host_memory()
+    if stored == torch.float32 or free is None or need <= 0.8 * free:
+        return torch.float32
+    name = {v: k for k, v in DTYPES.items()}[stored]
+    print(f"megrez: float32 weights ({need / 2**30:.1f} GiB) would not fit in the available memory "
+          f"({free / 2**30:.1f} GiB); using the checkpoint's {name} (--dtype float32 to insist)", file=sys.stderr)
+    return stored
+
+
+def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | None = None) -> None:
+    names = model.checkpoint_names()
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    seen: dict[str, Path] = {}
+    readers = [SafetensorsFile(f) for f in files]  # validates every header before any copying
+    total = sum(f.stat().st_size for f in files)
+    from tqdm import tqdm
+
+    show = progress if progress is not None else total > (512 << 20)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
+        for reader in readers:
+            file = reader.path
+            for key in reader.keys():
+                if key not in names:
+                    if IGNORED_TENSORS.match(key) or (tied and key == "lm_head.weight"):
+                        continue
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r}{_explain_unexpected(model, key)}")
+                if key in seen:
+                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {seen[key]}")
+                ours, index = names[key]
+                target = targets[ours] if index is None else targets[ours][index]
+                shape = reader.shape(key)
+                if shape != list(target.shape):
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
+                                          f"expected {list(target.shape)} from config.json")
+                tensor = reader.read(key)
+                with torch.no_grad():
+                    target.copy_(tensor)
+                seen[key] = file
+                bar.update(tensor.numel() * tensor.element_size())
+                del tensor
+    missing = [k for k in names if k not in seen]
+    if missing:
+        where = files[0].parent
+        raise CheckpointError(f"{where}: checkpoint is missing {len(missing)} tensor(s): "
+                              + ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+
+
+def _explain_unexpected(model, key: str) -> str:
+    m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.", key)
+    args = model.args
+    if m and hasattr(args, "owner"):
+        i = int(m.group(1))
+        if i < args.num_hidden_layers and args.is_moe(i) and args.owner(i) != i:
+            return (f" (layer {i} shares the routed experts of layer {args.owner(i)}; "
+                    f"experts_shared_frequency={args.experts_shared_frequency})")
+    return " (not part of the model described by config.json)"
+
+
