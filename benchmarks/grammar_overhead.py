@@ -6,7 +6,8 @@
 For each batch size it runs the same requests unconstrained and constrained by a JSON schema,
 interleaved (plain, grammar, plain, grammar, ...), and reports decode tokens/s of each, their
 ratio (the median over repetitions), and the worker time spent computing masks per token,
-which runs beside the forward pass. The last line is one JSON object.
+which runs beside the forward pass, and how much of it sampling still waited for (the part the
+forward pass did not hide). The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def run(engine, compiler, grammar, batch: int, prompt: int, output: int, seed: i
     warm = steps[2:]
     return {"decode_tokens_per_s": batch * len(warm) / sum(warm),
             "mask_ms_per_token": 1e3 * sum(pr.mask_seconds for pr in procs) / max(1, batch * (output + 1)),
+            "exposed_ms_per_token": 1e3 * sum(pr.wait_seconds for pr in procs) / max(1, batch * (output + 1)),
             "grammar_errors": sum(pr.error is not None for pr in procs)}
 
 
@@ -106,11 +108,13 @@ def main() -> None:
              "grammar_tokens_per_s": statistics.median(c["decode_tokens_per_s"] for c in constrained),
              "ratio_median": statistics.median(ratios), "ratios": ratios,
              "mask_ms_per_token": statistics.median(c["mask_ms_per_token"] for c in constrained),
+             "exposed_ms_per_token": statistics.median(c["exposed_ms_per_token"] for c in constrained),
              "grammar_errors": sum(c["grammar_errors"] for c in constrained)}
         results.append(r)
         print(f"batch {batch}: plain {r['plain_tokens_per_s']:.1f} tok/s, grammar {r['grammar_tokens_per_s']:.1f} "
               f"tok/s, ratio {r['ratio_median']:.3f} (runs: {', '.join(f'{x:.3f}' for x in ratios)}); "
-              f"mask {r['mask_ms_per_token']:.3f} ms/token on the worker")
+              f"mask {r['mask_ms_per_token']:.3f} ms/token on the worker, of which sampling waited "
+              f"{r['exposed_ms_per_token']:.3f} ms/token")
     print(json.dumps({"shape": a.shape, "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
                       "prompt": a.prompt, "output": a.output, "results": results}))
 

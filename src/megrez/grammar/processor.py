@@ -68,6 +68,7 @@ class GrammarProcessor(LogitsProcessor):
         self.bitmask = torch.zeros((compiler.vocab_size + 31) // 32, dtype=torch.int32)
         self.error: str | None = None
         self.mask_seconds = 0.0  # worker time spent on masks (for benchmarks)
+        self.wait_seconds = 0.0  # time sampling waited for a mask: the part not hidden by the forward pass
         self._future: Future = mask_executor().submit(self._next_mask)  # overlaps the prefill
 
     def _next_mask(self, token: int | None = None) -> torch.Tensor:
@@ -91,7 +92,9 @@ class GrammarProcessor(LogitsProcessor):
         return disallowed
 
     def __call__(self, logits: torch.Tensor) -> None:
+        start = time.perf_counter()
         disallowed = self._future.result()
+        self.wait_seconds += time.perf_counter() - start
         logits.masked_fill_(disallowed.to(logits.device, non_blocking=True), float("-inf"))
 
     def accept(self, token: int) -> None:
