@@ -328,3 +328,15 @@ def test_generate_cli_json_schema_and_grammar(live, tmp_path, capsys):
     assert capsys.readouterr().out.strip() in ("yes", "no")
     assert main(["generate", "hi", "--model", str(live.model_dir), "--json-schema", '{"enum": []}']) == 2
     assert "json_schema: Unsatisfiable schema" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_json_schema_on_cuda(live):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    llm = LLM(live.model_dir, device="cuda", max_num_seqs=4, max_model_len=2048)
+    out = llm.generate(["a", "b", "c"], SamplingParams(temperature=1.0, seed=5, max_tokens=300), json_schema=PERSON)
+    for o in out:
+        jsonschema.validate(json.loads(o.text), PERSON)
