@@ -16,6 +16,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -331,11 +332,8 @@ def test_generate_cli_json_schema_and_grammar(live, tmp_path, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_json_schema_on_cuda(live):
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     llm = LLM(live.model_dir, device="cuda", max_num_seqs=4, max_model_len=2048)
     out = llm.generate(["a", "b", "c"], SamplingParams(temperature=1.0, seed=5, max_tokens=300), json_schema=PERSON)
     for o in out:
