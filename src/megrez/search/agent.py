@@ -230,7 +230,7 @@ class LLMSearchModel(SearchModel):
             raise ValueError(f"the conversation needs {len(ids)} tokens; the context holds "
                              f"{self.llm.engine.max_model_len}")
         params.max_tokens = min(max_tokens, room)
-        yield from self.llm._stream(ids, params, processors)
+        yield from self.llm._stream(ids, params, processors=processors)
         req = self.llm.last_request
         if req.output_ids and req.output_ids[-1] == self.function_end:
             yield FUNCTION_END  # the stop token's text is not part of the output

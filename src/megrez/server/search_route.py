@@ -35,7 +35,7 @@ class EngineSearchModel(SearchModel):
 
     def _submit(self, ids, params, processors, sink) -> str:
         async def add():
-            rid = self.server.loop.add(ids, params, sink, None, processors)
+            rid = self.server.loop.add(ids, params, sink, None, logits_processors=processors)
             self.rids.add(rid)
             return rid
         return asyncio.run_coroutine_threadsafe(add(), self.loop).result()
