@@ -61,14 +61,22 @@ def require_memory(shape: str, dtype: torch.dtype, device: torch.device, need: i
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
-                 expert_device: torch.device | None = None):
+                 expert_device: torch.device | None = None, quantization: str | None = None):
     """A model of a named shape with random weights, allocated directly on ``device`` (routed
-    experts on ``expert_device`` if given)."""
+    experts on ``expert_device`` if given). With ``quantization`` the weights are allocated
+    quantized and filled tensor by tensor (:func:`megrez.quant.modules.fill_random`): memory
+    peaks at the quantized size."""
     config = dict(SHAPES[shape])
     if kv_heads:
         config["num_key_value_heads"] = kv_heads
     with torch.device("meta"):
         model = build_model(config)
+    if quantization:
+        from .quant.modules import fill_random, quantize_modules
+        from .quant.recipe import tensor_types
+
+        quantize_modules(model, tensor_types(model, quantization), device=device)
+        fill_random(model, seed=seed)
     materialize(model, device, dtype, expert_device)
     gens = {}
     with torch.no_grad():
@@ -135,17 +143,27 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 def weight_bytes(model) -> dict:
     """Bytes of weights per category: everything but routed experts and the embedding table,
     one routed expert, one embedding row."""
+    from .quant.modules import quant_tensors
+
     a = model.args
     size = next(model.parameters()).element_size()
+    stored = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+    stored.update({n: qt.nbytes for n, qt in quant_tensors(model).items()})  # quantized weights as stored
+    if a.tie_word_embeddings:
+        stored.pop("lm_head.weight", None)
     expert = 0
     if hasattr(a, "moe_intermediate_size"):
         expert = 3 * a.hidden_size * a.moe_intermediate_size * size
-    banks = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * size
-    embed = model.model.embed_tokens.weight.numel() * size
-    dense = sum(p.numel() for p in model.parameters()) * size - banks - embed
+        owner = next((n for n in stored if ".experts." in n), None)
+        if owner is not None:  # bytes of one expert of a (possibly quantized) bank
+            prefix = owner.rsplit(".", 1)[0]
+            expert = sum(v for n, v in stored.items() if n.startswith(prefix + ".")) // a.n_routed_experts
+    banks = sum(v for n, v in stored.items() if ".experts." in n)
+    embed = stored["model.embed_tokens.weight"]
+    dense = sum(stored.values()) - banks - embed
     if a.tie_word_embeddings:
         dense += embed  # the tied table is read in full by the LM head
-    return {"dense": dense, "expert": expert, "embed_row": a.hidden_size * size}
+    return {"dense": dense, "expert": expert, "embed_row": embed // a.vocab_size}
 
 
 class ExpertCounter:
@@ -246,14 +264,20 @@ def bench(a) -> dict:
         from .loading import load_model, read_json, resolve_model_path
 
         dtype = resolve_dtype(a.dtype, read_json(resolve_model_path(a.model) / "config.json"), device)
-        model = load_model(a.model, device=device, dtype=dtype)
+        model = load_model(a.model, device=device, dtype=dtype, quantization=a.quantization)
         name = str(a.model)
     else:
         dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
         sizes = shape_bytes(a.shape, dtype, a.kv_heads)
-        require_memory(a.shape, dtype, device, sizes["experts"] + sizes["rest"], "its weights")
-        model = random_model(a.shape, device, dtype, a.kv_heads)
-        name = a.shape
+        need = sizes["experts"] + sizes["rest"]
+        if a.quantization:
+            from .quant.recipe import scheme_bytes
+
+            with torch.device("meta"):
+                need = scheme_bytes(build_model(dict(SHAPES[a.shape])), a.quantization)[0]
+        require_memory(a.shape, dtype, device, need, "its weights")
+        model = random_model(a.shape, device, dtype, a.kv_heads, quantization=a.quantization)
+        name = a.shape + (f" ({a.quantization})" if a.quantization else "")
     bw = measure_read_bandwidth(device)
     ceilings = {"read_bandwidth": bw["best"], **{f"read_bandwidth_{k}": v for k, v in bw.items() if k != "best"},
                 "matmul_flops": measure_matmul_flops(device, dtype)}
@@ -365,6 +389,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="benchmark a checkpoint instead of a random shape")
     p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k_m"],
+                   help="quantized weights (random shapes: allocated quantized, never in float)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to run (sequences decoded together)")
