@@ -9,7 +9,8 @@ Two models:
   documents (every 100th KJV chapter, every 50th poem, every 100th classical entry, exactly the
   documents ``scripts/prepare_corpus.py`` leaves out of training);
 - a random Megrez2-shaped checkpoint (the megrez2-350m widths: hidden 1024, experts of 256,
-  64 experts, top-6, 4 shared; 4 layers to keep the run short) on random token sequences.
+  top-6, 4 shared, dense intermediate 2816; by default 4 layers and 64 experts, fewer with
+  --random-layers/--random-experts) on random token sequences.
 
 For each scheme the model is quantized while loading, exactly as ``--quantization`` does.
 """
@@ -97,12 +98,13 @@ def run_model(name: str, path: Path, windows: list[list[int]]) -> list[dict]:
     return rows
 
 
-def random_megrez2(out: Path) -> Path:
+def random_megrez2(out: Path, layers: int = 4, experts: int = 64, vocab: int = 32000) -> Path:
     from megrez.models import build_model
     from megrez.presets import PRESETS
     from megrez.tiny import TOKENIZER_CORPUS, tokenizer_files, train_tokenizer
 
-    config = {**PRESETS["megrez2-350m"], "num_hidden_layers": 4, "torch_dtype": "float32"}
+    config = {**PRESETS["megrez2-350m"], "num_hidden_layers": layers, "n_routed_experts": experts,
+              "vocab_size": vocab, "torch_dtype": "float32"}
     model = build_model(config)
     gen = torch.Generator().manual_seed(0)
     model.init_weights(std=0.02, generator=gen)
@@ -121,6 +123,9 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=256, help="tokens per window")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--skip-random", action="store_true")
+    ap.add_argument("--random-layers", type=int, default=4)
+    ap.add_argument("--random-experts", type=int, default=64)
+    ap.add_argument("--random-vocab", type=int, default=32000)
     a = ap.parse_args()
     shipped = Path(__file__).resolve().parents[1] / "src/megrez/assets/megrez2-tiny-chat"
     tok = Tokenizer(shipped)
@@ -128,12 +133,13 @@ def main() -> int:
     results = run_model("megrez2-tiny-chat (held-out text)", shipped, windows)
     if not a.skip_random:
         with tempfile.TemporaryDirectory() as d:
-            path = random_megrez2(Path(d) / "random")
+            path = random_megrez2(Path(d) / "random", a.random_layers, a.random_experts, a.random_vocab)
             vocab = json.loads((path / "config.json").read_text())["vocab_size"]
             gen = torch.Generator().manual_seed(1)
             n = max(1, a.positions // a.length)
             rand = [torch.randint(0, vocab, (a.length + 1,), generator=gen).tolist() for _ in range(n)]
-            results += run_model("random Megrez2 (megrez2-350m widths, 4 layers; random tokens)", path, rand)
+            results += run_model(f"random Megrez2 (megrez2-350m widths, {a.random_layers} layers, {a.random_experts} "
+                                 f"experts, vocab {a.random_vocab}; random tokens)", path, rand)
     summary = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "results": results}
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     if a.out:

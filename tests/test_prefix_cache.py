@@ -173,3 +173,24 @@ def test_prompt_logprobs_equal_a_plain_forward(model_and_tokenizer):
         assert entry.logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
         assert [t for t, _ in entry.top_logprobs] == ref[i - 1].topk(2).indices.tolist()
     assert engine.blocks.num_used == 0
+
+
+def test_changed_weights_invalidate_the_cache(tiny_moe):
+    """A trainer that updates the weights in place (RL rollouts between optimizer steps) must
+    not be served keys and values computed with the old ones."""
+    model = load_model(tiny_moe, device="cpu", dtype="float32")
+    tok = Tokenizer(tiny_moe)
+    hot = Engine(model, tok, max_num_seqs=4, max_model_len=128, block_size=BLOCK)
+    prompt = SYSTEM + [3, 1, 4]
+    before = run(hot, [prompt], [greedy(8)])
+    with torch.no_grad():
+        for p in model.layers[0].self_attn.parameters():
+            p.mul_(1.5)  # in place, as an optimizer step or copy_ does
+    hits = hot.stats["cached_prompt_tokens"]
+    after = run(hot, [prompt], [greedy(8)])
+    assert hot.stats["cached_prompt_tokens"] == hits  # nothing reused across the change
+    fresh = Engine(model, tok, max_num_seqs=4, max_model_len=128, block_size=BLOCK, enable_prefix_caching=False)
+    assert after == run(fresh, [prompt], [greedy(8)])
+    assert after != before  # the change mattered, so a stale cache would have been caught
+    run(hot, [prompt], [greedy(8)])
+    assert hot.stats["cached_prompt_tokens"] > hits  # and caching resumes with the new weights

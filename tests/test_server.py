@@ -326,11 +326,8 @@ def test_token_texts_are_distinct_and_partial_characters_show_their_bytes(live):
 
 
 # ---------------------------------------------------------------------------------------- load
-def test_32_concurrent_streams_equal_their_solo_runs(live):
-    requests = [dict(messages=[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}],
-                     seed=1000 + i, temperature=[0.0, 0.7, 1.0][i % 3], top_p=[1.0, 0.9][i % 2], max_tokens=16 + i % 5)
-                for i in range(32)]
-
+def crowd_streams(live, requests: list[dict]) -> list[tuple[str, str | None]]:
+    """All the chat requests streamed at once; each one's (text, finish reason)."""
     async def one(client, req):
         text, reason = [], None
         stream = await client.chat.completions.create(model=MODEL, stream=True, **req, **IGNORE_EOS)
@@ -347,8 +344,15 @@ def test_32_concurrent_streams_equal_their_solo_runs(live):
         finally:
             await client.close()
 
+    return asyncio.run(crowd())
+
+
+def test_32_concurrent_streams_equal_their_solo_runs(live):
+    requests = [dict(messages=[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}],
+                     seed=1000 + i, temperature=[0.0, 0.7, 1.0][i % 3], top_p=[1.0, 0.9][i % 2], max_tokens=16 + i % 5)
+                for i in range(32)]
     steps_before = live.engine.stats["steps"]
-    together = asyncio.run(crowd())
+    together = crowd_streams(live, requests)
     steps = live.engine.stats["steps"] - steps_before
     tokens = sum(r["max_tokens"] for r in requests)
     print(f"{steps} engine steps for {tokens} tokens")

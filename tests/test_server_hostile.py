@@ -138,7 +138,7 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(live, monkeypatch):
 def test_tokenizing_a_long_text_lets_other_threads_run(live):
     """The tokenizer releases the GIL, so tokenizing in a worker thread does not stall the
     event loop or the engine thread (a plain ``encode`` holds it for the whole call)."""
-    text = "hello world 你好 " * 100000
+    text = "hello world 你好 " * 200000
     ticks, stop = [0], threading.Event()
 
     def other():
@@ -153,8 +153,9 @@ def test_tokenizing_a_long_text_lets_other_threads_run(live):
     elapsed = time.perf_counter() - start
     stop.set()
     t.join()
-    # Holding the GIL, the other thread would get in ~once; released, it runs throughout.
-    assert ticks[0] >= max(10, elapsed / 0.001 / 20), (ticks[0], elapsed)
+    # Holding the GIL, the other thread gets in once or twice in the whole call; released, it
+    # runs throughout (each 1 ms sleep may take far longer on a busy machine: 50x slack).
+    assert ticks[0] >= max(8, elapsed / 0.001 / 50), (ticks[0], elapsed)
 
 
 # ------------------------------------------------------------------------- 3. per-request limits

@@ -6,7 +6,6 @@ lm-evaluation-harness's local-completions sends it), logit_bias, /v1/tokenize an
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
@@ -17,7 +16,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_server import IGNORE_EOS, KEY, MAX_LEN, MODEL, LiveServer  # noqa: E402
+from test_server import IGNORE_EOS, KEY, MAX_LEN, MODEL, LiveServer, crowd_streams  # noqa: E402
 
 from megrez.engine import SamplingParams  # noqa: E402
 from megrez.llm import LLM  # noqa: E402
@@ -186,27 +185,26 @@ def test_32_streams_with_shared_prefixes_equal_uncached_solo_runs(live, tiny_moe
                      seed=500 + i, temperature=[0.0, 0.8][i % 2], max_tokens=12 + i % 4)
                 for i in range(32)]
 
-    async def one(client, req):
-        text = []
-        stream = await client.chat.completions.create(model=MODEL, stream=True, **req, **IGNORE_EOS)
-        async for chunk in stream:
-            for choice in chunk.choices:
-                text.append(choice.delta.content or "")
-        return "".join(text)
-
-    async def crowd():
-        client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0)
-        try:
-            return await asyncio.gather(*(one(client, r) for r in requests))
-        finally:
-            await client.close()
-
     hits_before = live.engine.stats["cached_prompt_tokens"]
-    together = asyncio.run(crowd())
+    together = crowd_streams(live, requests)
     assert live.engine.stats["cached_prompt_tokens"] - hits_before >= 30 * 64  # the system prompts were shared
     solo = LLM(tiny_moe, device="cpu", max_num_seqs=1, max_model_len=MAX_LEN, enable_prefix_caching=False)
-    for req, text in zip(requests, together, strict=True):
+    for req, (text, reason) in zip(requests, together, strict=True):
+        assert reason == "length"
         params = SamplingParams(seed=req["seed"], temperature=req["temperature"], max_tokens=req["max_tokens"],
                                 ignore_eos=True)
         assert text == solo.chat(req["messages"], params).text, f"request with seed {req['seed']} differs"
     assert not math.isnan(live.metrics()["megrez_prefix_cache_hit_ratio"])
+
+
+def test_root_tokenizer_routes_as_vllm_serves_them(live):
+    """lm-evaluation-harness's remote tokenizer uses /tokenizer_info, /tokenize and /detokenize."""
+    info = httpx.get(live.url + "/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] == live.tokenizer.eos_token and info["model_max_length"] == MAX_LEN
+    assert info["chat_template"] == live.tokenizer.chat_template and info["vocab_size"] == live.tokenizer.vocab_size
+    assert sorted(live.tokenizer.stop_token_ids) == info["stop_token_ids"]
+    body = {"prompt": "test", "add_special_tokens": False}
+    assert post(live, "/tokenize", body) == post(live, "/v1/tokenize", body)
+    ids = post(live, "/tokenize", body)["tokens"]
+    assert post(live, "/detokenize", {"tokens": ids}) == {"prompt": "test"}
+    assert httpx.get(live.url + "/tokenizer_info").status_code == 401

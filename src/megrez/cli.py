@@ -3,7 +3,7 @@
     megrez generate "你好" --model DIR_OR_HUB_ID       one completion (chat template applied)
     megrez chat --model DIR_OR_HUB_ID                 interactive, streaming; /help lists its commands
     megrez info DIR_OR_HUB_ID                         layer layout, parameters, memory
-    megrez create-tiny OUT --arch moe|dense           a small random checkpoint
+    megrez create-tiny OUT --arch moe|dense|omni      a small random checkpoint
 
 Without ``--model``, the default model is used (see ``megrez.llm.default_model``).
 
@@ -249,11 +249,19 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     from .chat import ChatSession, repl
+    from .multimodal.chat import default_omni_model, media_parts
+    from .multimodal.prompt import is_multimodal_model
 
     params = sampling_from_args(a)
+    media = media_parts(a.image, a.audio)  # also registers /image and /audio
+    if a.model is None and media:
+        a.model = default_omni_model()
     llm = make_llm(a)
+    if media and not is_multimodal_model(llm.model):
+        raise ValueError(f"--image/--audio need a Megrez-3B-Omni checkpoint; {llm.path} takes text only")
     announce_template(llm)
     session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
+    session.pending_parts = media
     if a.load:
         session.load(a.load)
     return repl(session)
@@ -276,7 +284,10 @@ def cmd_info(a) -> int:
     args = model.args
     counts = model.parameter_counts()
     print(f"model        {path}")
-    print(f"architecture {type(model).__module__.rsplit('.', 1)[-1]} ({', '.join(config.get('architectures') or [])})")
+    kind = getattr(type(model), "hf_architecture", (None, type(model).__module__.rsplit(".", 1)[-1]))[1]
+    print(f"architecture {kind} ({', '.join(config.get('architectures') or [])})")
+    if "vision" in counts:  # Megrez-3B-Omni: the encoders beside the language model
+        print(f"encoders     vision {_count(counts['vision'])}, audio {_count(counts['audio'])} parameters")
     print(f"hidden {args.hidden_size}, heads {args.num_attention_heads} (KV {args.num_key_value_heads}, "
           f"head_dim {args.head_dim}), vocab {args.vocab_size}, context {args.max_position_embeddings}, "
           f"rope_theta {args.rope_theta:g}")
@@ -353,6 +364,7 @@ def cmd_create_tiny(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .chat import INPUT_HELP, commands_help
+    from .multimodal import chat as _media_commands  # noqa: F401  (registers /image and /audio)
 
     parser = Parser(prog="megrez", description="Run, serve and train Megrez models.")
     parser.add_argument("--version", action="version", version=f"megrez {__version__}")
@@ -376,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=type("ChatHelp", (HelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--load", default=None, metavar="FILE", help="start from a conversation saved with /save")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach an image to the first message (repeatable; Megrez-3B-Omni models; "
+                        "without --model: the bundled omni model); /image PATH in the chat")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="attach an audio file (wav, flac, mp3, m4a, ...) to the first message (repeatable); "
+                        "/audio PATH in the chat")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
@@ -386,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-tiny", help="write a small random checkpoint in the official format")
     p.add_argument("out", help="output directory")
-    p.add_argument("--arch", default="moe", choices=["moe", "dense"],
+    p.add_argument("--arch", default="moe", choices=["moe", "dense", "omni"],
                    help="moe: a Megrez2 (MegrezMoeForCausalLM, shared experts, pre-gated); dense: a Llama like "
-                        "Megrez-3B-Instruct")
+                        "Megrez-3B-Instruct; omni: a MegrezO (Megrez-3B-Omni: Llama + SigLIP navit + Whisper encoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_create_tiny)

@@ -152,11 +152,14 @@ class BlockPool:
         return block in self._key_of
 
     def reset_prefix_cache(self) -> int:
-        """Forget every unused cached block (they become plain free blocks); returns how many."""
-        n = 0
+        """Forget every published block (for instance because the weights changed): unused ones
+        become plain free blocks, held ones stay with their sequences but are no longer found.
+        Returns how many were forgotten."""
+        n = len(self._key_of)
         while self._evictable:
             block, _ = self._evictable.popitem(last=False)
             self._forget(block)
             self._free.append(block)
-            n += 1
+        for block in list(self._key_of):
+            self._forget(block)
         return n

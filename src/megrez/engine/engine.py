@@ -81,6 +81,9 @@ class Request:
     cached_tokens: int = 0
     prompt_logprobs: list | None = None
     _prompt_logprobs_sent: bool = False
+    # (position, [n, hidden] vectors): rows of the prompt's token embeddings to overwrite
+    # (image and audio features of multimodal prompts); shared, never modified.
+    embeddings: list | None = None
 
     @property
     def history_ids(self) -> list[int]:
@@ -150,14 +153,18 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.offload = None  # an ExpertOffload when routed experts live in host memory
+        self._weights_seen = self._weights_fingerprint()
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cached_prompt_tokens": 0, "generation_tokens": 0,
                       "requests_finished": 0, "requests_failed": 0, "preemptions": 0, "steps": 0}
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt=None) -> Request:
+                    request_id: str | None = None, cache_salt=None, embeddings: list | None = None) -> Request:
         """Queue a generation. ``cache_salt`` (hashable) keeps the prompt's cached blocks apart
-        from those of equal token ids computed from other inputs (e.g. image embeddings)."""
+        from those of equal token ids computed from other inputs. ``embeddings`` is a list of
+        ``(position, vectors [n, hidden])``: prefill uses those vectors in place of the token
+        embeddings of prompt positions ``position .. position + n - 1`` (image and audio
+        features); unless a salt is given, their digest salts the prompt's cache blocks."""
         params = (params or SamplingParams()).with_defaults(self.generation_config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -177,6 +184,13 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > vocab:
                 raise ValueError(f"{name}: at most the vocabulary size ({vocab})")
+        for pos, vec in embeddings or []:
+            if not (vec.dim() == 2 and vec.shape[1] == self.model.args.hidden_size and 0 <= pos
+                    and pos + vec.shape[0] <= n):
+                raise ValueError(f"embeddings at position {pos} with shape {list(vec.shape)} do not fit a prompt "
+                                 f"of {n} tokens and hidden size {self.model.args.hidden_size}")
+        if embeddings and cache_salt is None:
+            cache_salt = embeddings_digest(embeddings)
         with self._lock:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"waiting queue is full ({self.max_waiting} requests)")
@@ -184,7 +198,8 @@ class Engine:
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer() if self.tokenizer else _NoText(), cache_salt=cache_salt)
+                          self.tokenizer.detokenizer() if self.tokenizer else _NoText(), cache_salt=cache_salt,
+                          embeddings=list(embeddings) if embeddings else None)
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -203,8 +218,30 @@ class Engine:
         return self.blocks.num_used / self.blocks.usable
 
     # ------------------------------------------------------------------------------ stepping
+    def _weights_fingerprint(self) -> tuple:
+        """Changes whenever a weight is modified in place (an optimizer step, a copy_ from a
+        trainer) or replaced: tensors count their in-place writes."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        versions = 0
+        for t in tensors:
+            try:
+                versions += t._version
+            except RuntimeError:  # an inference tensor: it cannot be written outside inference mode
+                pass
+        return len(tensors), sum(map(id, tensors)), versions
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were forgotten."""
+        return self.blocks.reset_prefix_cache()
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self.blocks.enable_prefix_caching:
+            seen = self._weights_fingerprint()
+            if seen != self._weights_seen:  # cached keys/values came from other weights
+                self._weights_seen = seen
+                n = self.reset_prefix_cache()
+                log.info("the model's weights changed: %d cached prefix blocks forgotten", n)
         outputs = self._apply_aborts()
         self._preempted_now: set[Request] = set()
         decoding = self._make_room(list(self.running))
@@ -284,8 +321,9 @@ class Engine:
                 hits, parent = [], self.blocks.root(req.cache_salt)
             else:
                 hits, parent = self.blocks.longest_prefix(tokens, req.cache_salt)
-            if any(_computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
-                continue
+                if self.blocks.enable_prefix_caching and any(
+                        _computes_next_block(a, tokens, len(hits), req.cache_salt, self.block_size) for a in admitted):
+                    continue
             need = self.blocks.blocks_for(len(tokens)) - len(hits)
             if need > self.blocks.available_with(hits):
                 break  # first come, first served: nobody overtakes a request that does not fit
@@ -337,12 +375,15 @@ class Engine:
             tokens = tokens.to(self.device)
             view = self.cache.view(starts, width, [r.block_table for r in active], counts)
             last = torch.tensor(counts, device=self.device) - 1
+            embeds = self._row_embeddings(active, tokens, starts)
+            if embeds is not None:
+                tokens = None  # the model reads the embeddings instead
             if every_position:
-                out = self.model(tokens, view).float()                    # [B, T, V]
+                out = self.model(tokens, view, input_embeddings=embeds).float()  # [B, T, V]
                 last_logits = out[torch.arange(len(active), device=self.device), last]
                 self._record_prompt_logprobs(active[0], out[0, :counts[0]], starts[0])
             else:
-                last_logits = self.model(tokens, view, logits_at=last).float()
+                last_logits = self.model(tokens, view, input_embeddings=embeds, logits_at=last).float()
             for b, r in enumerate(active):
                 r.num_computed += counts[b]
                 self.stats["prefill_tokens"] += counts[b]
@@ -358,6 +399,20 @@ class Engine:
             return
         lp = logits[: upto - start].log_softmax(-1)
         req.prompt_logprobs += token_logprobs(lp, req.prompt_ids[start + 1:upto + 1], req.params.prompt_logprobs)
+
+    def _row_embeddings(self, reqs, tokens: torch.Tensor, starts: list[int]) -> torch.Tensor | None:
+        """Token embeddings of a prefill pass with the requests' own vectors written over
+        their positions (row b covers positions starts[b]..); None when no row brings any."""
+        if not any(r.embeddings for r in reqs):
+            return None
+        h = self.model.embed(tokens)
+        for b, r in enumerate(reqs):
+            start, end = starts[b], starts[b] + tokens.shape[1]
+            for pos, vec in r.embeddings or []:
+                lo, hi = max(pos, start), min(pos + vec.shape[0], end)
+                if lo < hi:
+                    h[b, lo - start:hi - start] = vec[lo - pos:hi - pos].to(h.device, h.dtype)
+        return h
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
@@ -474,6 +529,19 @@ def _computes_next_block(other: Request, tokens: list[int], hit_blocks: int, sal
     if other.cache_salt != salt or end > len(tokens) - 1 or end > other.num_tokens:
         return False
     return other.num_computed < end and other.tokens(0, end) == tokens[:end]
+
+
+def embeddings_digest(embeddings: list) -> tuple:
+    """A cache salt naming the vectors of a multimodal prompt by content, so equal images
+    share cached blocks and different ones never do."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for pos, vec in embeddings:
+        v = vec.detach().to("cpu").contiguous()
+        h.update(f"{pos}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.dtype == torch.bfloat16 else v.numpy().tobytes())
+    return ("embeddings", h.hexdigest())
 
 
 class _NoText:

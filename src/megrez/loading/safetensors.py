@@ -109,7 +109,8 @@ def model_config(model) -> dict:
     args.pop("router_bias", None)  # a runtime choice, not part of the checkpoint
     config.update(args)
     module = type(model).__module__.rsplit(".", 1)[-1]
-    arch = {"llama": ("LlamaForCausalLM", "llama"), "megrez_moe": ("MegrezMoeForCausalLM", "megrez_moe")}[module]
+    arch = getattr(type(model), "hf_architecture", None) or {
+        "llama": ("LlamaForCausalLM", "llama"), "megrez_moe": ("MegrezMoeForCausalLM", "megrez_moe")}[module]
     config["architectures"], config["model_type"] = [arch[0]], arch[1]
     return config
 

@@ -129,28 +129,3 @@ def quantized_bytes(model: nn.Module) -> int:
         total += p.numel() * p.element_size()
     return total
 
-
-def fill_random(model: nn.Module, std: float = 0.02, seed: int = 0, pool_rows: int = 256) -> None:
-    """Give every quantized weight of ``model`` random values, quantized with the real quantizers:
-    for each (type, row width) a pool of ``pool_rows`` rows of normal(0, std) weights is quantized
-    once, and each tensor's rows are drawn from it at random. (Quantizing billions of random
-    weights one by one would take hours on a CPU; a benchmark needs valid blocks of the right
-    statistics, not distinct ones.)"""
-    from .formats import quantize
-
-    gen = torch.Generator().manual_seed(seed)
-    pools: dict = {}
-    seen = set()
-    for qt in quant_tensors(model).values():
-        if qt.data.data_ptr() in seen:
-            continue
-        seen.add(qt.data.data_ptr())
-        k = qt.shape[-1]
-        key = (qt.qtype, k)
-        if key not in pools:
-            pools[key] = quantize(torch.randn(pool_rows, k, generator=gen) * std, qt.qtype).data
-        pool = pools[key]
-        rows = qt.data.view(-1, qt.data.shape[-1])
-        for start in range(0, rows.shape[0], 1 << 16):
-            part = rows[start:start + (1 << 16)]
-            part.copy_(pool[torch.randint(0, pool_rows, (part.shape[0],), generator=gen)])

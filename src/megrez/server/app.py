@@ -49,6 +49,9 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 << 20
     body_timeout: float = 60.0  # seconds to receive a whole request body
+    # Local image/audio paths in content parts are read only under these directories
+    # (none: data: URLs and base64 only). Remote URLs are never fetched.
+    allowed_media_dirs: tuple = ()
     limits: Limits = field(default_factory=Limits)
 
 
@@ -184,10 +187,35 @@ class OpenAIServer:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def encode(self, req: GenerationRequest) -> list[list[int]]:
-        """Runs in a worker thread: templates and tokenizers on long inputs take a while."""
+        return self.encode_with_media(req)[0]
+
+    def encode_with_media(self, req: GenerationRequest) -> tuple[list[list[int]], dict]:
+        """Token ids of every prompt, and the image/audio embeddings of those that have media
+        (prompt index -> [(position, vectors)]). Runs in a worker thread: templates and
+        tokenizers on long inputs take a while, and image/audio encoders longer (they run
+        here, once per request, whatever ``n`` is)."""
+        from ..multimodal import MediaError
+        from ..multimodal.prompt import EncoderCache, MediaPolicy, has_media, prepare_chat
+
+        if getattr(self, "encoder_cache", None) is None:
+            self.encoder_cache = EncoderCache()
+
         out = []
+        media_embeddings = {}
         for prompt in req.prompts:
-            if req.kind == "chat":
+            if req.kind == "chat" and has_media(prompt):
+                policy = MediaPolicy(allow_paths=bool(self.config.allowed_media_dirs),
+                                     allowed_dirs=tuple(self.config.allowed_media_dirs))
+                try:
+                    ids, embeddings, _ = prepare_chat(self.engine.model, self.tokenizer, prompt, policy,
+                                                      max_len=self.engine.max_model_len, cache=self.encoder_cache)
+                except MediaError as e:
+                    param = str(e).split(":", 1)[0] if str(e).startswith("messages[") else "messages"
+                    code = "context_length_exceeded" if "context holds" in str(e) else None
+                    raise APIError(400, str(e), param=param.split(" ")[0], code=code) from None
+                media_embeddings[len(out)] = embeddings
+                out.append(ids)
+            elif req.kind == "chat":
                 # The template already wrote any special tokens it wants (as transformers does).
                 out.append(self.encode_text(self.render(prompt), "messages", add_special_tokens=False))
             elif isinstance(prompt, str):
@@ -197,7 +225,7 @@ class OpenAIServer:
                 if bad:
                     raise protocol.invalid("prompt", f"token ids must be in [0, {self.vocab_size}) (got {bad[0]})")
                 out.append(list(prompt))
-        return out
+        return out, media_embeddings
 
     def echo_text(self, prompt, ids: list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -220,7 +248,7 @@ class OpenAIServer:
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         req = parse(body, self.config.limits, self.vocab_size)
         model = self.model_name(req.model)
-        prompt_ids = await self.in_worker(self.encode, req)
+        prompt_ids, embeddings = await self.in_worker(self.encode_with_media, req)
         for ids in prompt_ids:
             self.check_length(ids, "messages" if kind == "chat" else "prompt")
         try:
@@ -232,7 +260,7 @@ class OpenAIServer:
         if limit is not None:
             self.limits_hit[limit] += 1
         sink: asyncio.Queue = asyncio.Queue()
-        rids = self.submit(req, prompt_ids, sink, cap)
+        rids = self.submit(req, prompt_ids, sink, cap, embeddings)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         run = Run(self, req, model, rid, rids, sink, prompt_ids)
         if req.stream:
@@ -241,7 +269,7 @@ class OpenAIServer:
         return await run.collect(request)
 
     def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue,
-               cap: int | None = None) -> dict[int, str]:
+               cap: int | None = None, embeddings: dict | None = None) -> dict[int, str]:
         """All choices of one request enter the engine together, or none does."""
         engine = self.engine
         wanted = len(prompt_ids) * req.n
@@ -258,7 +286,8 @@ class OpenAIServer:
             for p, ids in enumerate(prompt_ids):
                 for i in range(req.n):
                     params = req.choice_params(i, len(ids), engine.max_model_len, cap)
-                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i)
+                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i,
+                                                        embeddings=(embeddings or {}).get(p))
         except QueueFull:
             self.abort(rids)
             raise busy from None
@@ -281,6 +310,14 @@ class OpenAIServer:
         self.loop.fail_all(EngineFailed("the server is shutting down", status=503, code="server_shutting_down"))
 
     # ------------------------------------------------------------------------------ tokenizer routes
+    def tokenizer_info(self) -> dict:
+        """What a client needs to tokenize as the server does (vLLM's /tokenizer_info)."""
+        tok = self.tokenizer
+        return {"tokenizer_class": "megrez", "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_model_len, "vocab_size": self.vocab_size,
+                "stop_token_ids": sorted(tok.stop_token_ids)}
+
     async def tokenize(self, request: Request) -> dict:
         self.check_auth(request)
         body = await self.read_json(request)
@@ -544,12 +581,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         return await server.handle(request, "completion")
 
+    # Also at the root, where vLLM and llama.cpp serve them (lm-evaluation-harness looks there).
     @app.post("/v1/tokenize")
+    @app.post("/tokenize", include_in_schema=False)
     async def tokenize(request: Request):
         return await server.tokenize(request)
 
     @app.post("/v1/detokenize")
+    @app.post("/detokenize", include_in_schema=False)
     async def detokenize(request: Request):
         return await server.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        server.check_auth(request)
+        return server.tokenizer_info()
 
     return app

@@ -44,6 +44,9 @@ def register(sub) -> None:
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
+    g.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="Megrez-3B-Omni: let image/audio content parts name local files under DIR (repeatable; "
+                        "default: only data: URLs and base64 audio; remote URLs are never fetched)")
     g.add_argument("--max-header-bytes", type=parse_size, default=64 << 10,
                    help="largest request head (request line and headers) accepted (default 64KiB; larger gets 431)")
     g.add_argument("--header-timeout", type=float, default=10.0,
@@ -123,7 +126,8 @@ def server_config(a, names: list[str], api_key: str | None):
     limits = replace(Limits(), max_request_tokens=a.max_request_tokens, max_logprobs=a.max_logprobs,
                      max_response_bytes=a.max_response_bytes)
     return ServerConfig(served_model_names=names, api_key=api_key, max_request_bytes=a.max_request_bytes,
-                        body_timeout=a.body_timeout, limits=limits)
+                        body_timeout=a.body_timeout, limits=limits,
+                        allowed_media_dirs=tuple(a.allowed_local_media_path))
 
 
 def cmd_serve(a) -> int:

@@ -145,6 +145,18 @@ def get_number(body: dict, name: str, default=None, lo: float | None = None, hi:
     return float(v)
 
 
+def _integral(v) -> bool:
+    """An integer as JSON Schema counts them: 3 or 3.0, not true."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def int_list(v) -> list[int] | None:
+    """A JSON array of integers as Python ints (None if it is not one)."""
+    if not isinstance(v, list) or not all(_integral(t) for t in v):
+        return None
+    return [int(t) for t in v]
+
+
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
@@ -278,8 +290,8 @@ def _stop_token_ids(body: dict, limits: Limits, vocab_size: int) -> list[int]:
     ids = body.get("stop_token_ids")
     if ids is None:
         return []
-    if not isinstance(ids, list) or len(ids) > limits.max_stop_token_ids or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+    ids = int_list(ids)
+    if ids is None or len(ids) > limits.max_stop_token_ids or not all(0 <= t < vocab_size for t in ids):
         raise invalid("stop_token_ids", f"expected at most {limits.max_stop_token_ids} integers in [0, {vocab_size})")
     return ids
 
@@ -308,10 +320,9 @@ def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tup
               default_max_tokens: int | None, min_tokens: int = 1) -> tuple[SamplingParams, int, bool, bool, bool]:
     max_tokens, given = default_max_tokens, False
     for name in max_tokens_names:  # the first one given wins (max_completion_tokens over max_tokens)
-        v = get_int(body, name, lo=min_tokens)
-        if v is not None:
+        v = get_int(body, name, lo=min_tokens)  # the others are still checked
+        if v is not None and not given:
             max_tokens, given = v, True
-            break
     n = get_int(body, "n", 1, lo=1, hi=limits.max_n)
     best_of = get_int(body, "best_of", None, lo=1)
     if best_of is not None and best_of != n:
@@ -384,7 +395,7 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         if content is None and role not in ("assistant",):
             raise invalid(f"{where}.content", "required for this role")
         try:
-            text = text_content(content, f"{where}.content")
+            text = _media_parts(content, f"{where}.content") or text_content(content, f"{where}.content")
         except ValueError as e:  # the message already names the part
             raise APIError(400, str(e), param=f"{where}.content") from None
         name = m.get("name")
@@ -396,6 +407,27 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
             msg["name"] = name
         out.append(msg)
     return out
+
+
+MEDIA_PART_TYPES = ("image_url", "input_audio")
+
+
+def _media_parts(content, where: str) -> list | None:
+    """Content with image_url / input_audio parts stays a list of parts (read and checked by
+    ``megrez.multimodal.prompt`` when the prompt is built); None for text-only content."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES
+                                                 for p in content):
+        return None
+    for n, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}[{n}]: expected an object, got {_json_type(part)}")
+        kind = part.get("type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{n}].text: expected a string")
+        if kind not in ("text",) + MEDIA_PART_TYPES:
+            raise ValueError(f"{where}[{n}]: unsupported content part type {kind!r} "
+                             f"(expected text, image_url or input_audio)")
+    return content
 
 
 def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
@@ -435,8 +467,8 @@ def parse_tokenize(body: dict, limits: Limits) -> tuple[str | None, object, bool
 
 def parse_detokenize(body: dict, limits: Limits, vocab_size: int) -> tuple[str | None, list[int]]:
     model = _model(body)
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    tokens = int_list(body.get("tokens"))
+    if tokens is None:
         raise invalid("tokens", "required: an array of token ids")
     if len(tokens) > limits.max_tokenize_tokens:
         raise invalid("tokens", f"at most {limits.max_tokenize_tokens} tokens are allowed (got {len(tokens)})")
@@ -449,16 +481,16 @@ def parse_detokenize(body: dict, limits: Limits, vocab_size: int) -> tuple[str |
 def parse_prompt(prompt, limits: Limits) -> list:
     """A string, an array of strings, an array of token ids, or an array of those arrays."""
     def token_list(x) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        return bool(x) and int_list(x) is not None
 
     if isinstance(prompt, str):
         return [prompt]
     if token_list(prompt):
-        return [prompt]
+        return [int_list(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_list(p) for p in prompt):
         if len(prompt) > limits.max_prompts:
             raise invalid("prompt", f"at most {limits.max_prompts} prompts per request (got {len(prompt)})")
-        return prompt
+        return [p if isinstance(p, str) else int_list(p) for p in prompt]
     if prompt is None:
         raise invalid("prompt", "required: a string, an array of strings, or an array of token ids")
     raise invalid("prompt", "expected a string, an array of strings, an array of token ids, "
