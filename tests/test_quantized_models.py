@@ -164,3 +164,18 @@ def test_quantize_on_load_streams(tmp_path):
     grew, qbytes = int(out[0]), int(out[1])
     assert size > 100e6 and qbytes < 0.3 * size
     assert grew < qbytes + 0.2 * size, f"peak RSS grew {grew / 1e6:.0f} MB for {qbytes / 1e6:.0f} MB of weights"
+
+
+def test_bench_builds_random_quantized_models_without_float_weights():
+    from megrez.bench import random_model, weight_bytes
+
+    cpu = torch.device("cpu")
+    plain = random_model("megrez2-mini", cpu, torch.float32)
+    quant = random_model("megrez2-mini", cpu, torch.float32, quantization="q8_0")
+    assert quant.parameter_counts() == plain.parameter_counts()
+    assert not [m for m in quant.modules() if isinstance(m, torch.nn.Linear)]
+    wq, wf = weight_bytes(quant), weight_bytes(plain)
+    assert wq["expert"] == wf["expert"] * 34 // 128  # Q8_0: 34 bytes per 32 weights instead of 128
+    assert wq["dense"] < wf["dense"] / 3
+    out = quant(torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(out).all()
