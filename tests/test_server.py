@@ -478,7 +478,7 @@ BAD_INPUTS = [
     _case("role-unknown", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     _case("content-number", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     _case("content-image-part", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content"),
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0]"),
     _case("user-content-null", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
     _case("max-tokens-negative", {"messages": USER, "max_tokens": -1}, 400, "max_tokens"),
     _case("max-tokens-zero", {"messages": USER, "max_tokens": 0}, 400, "max_tokens"),
