@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", default=None, metavar="FILE", help="start from a conversation saved with /save")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="attach an image to the first message (repeatable; Megrez-3B-Omni models; "
-                        "without --model: the bundled omni model); /image PATH in the chat")
+                        "without --model: the bundled omni model, where the package ships one); /image PATH in the chat")
     p.add_argument("--audio", action="append", default=[], metavar="PATH",
                    help="attach an audio file (wav, flac, mp3, m4a, ...) to the first message (repeatable); "
                         "/audio PATH in the chat")
