@@ -41,10 +41,10 @@ def test_batched_generation_equals_one_by_one(llm):
 
 
 def test_more_requests_than_slots_queue_and_finish(llm):
-    prompts = [[i + 3, i + 40, i + 9] for i in range(10)]  # 10 requests, 4 slots
+    prompts = [[i + 3, i + 40, i + 9] for i in range(10)]  # 10 requests, 4 sequences at once
     outs = llm.generate(prompts, greedy(6))
     assert [o.token_ids for o in outs] == [llm.generate(p, greedy(6)).token_ids for p in prompts]
-    assert len(llm.engine.free_slots) == llm.engine.max_num_seqs
+    assert llm.engine.blocks.num_used == 0
 
 
 def test_seed_reproducible_and_distinct(llm):
@@ -109,7 +109,7 @@ def test_abort_frees_the_slot(llm):
     next(stream)
     assert len(engine.running) == 1
     stream.close()
-    assert not engine.running and len(engine.free_slots) == engine.max_num_seqs
+    assert not engine.running and engine.blocks.num_used == 0
 
 
 def test_queue_bound_and_bad_requests(llm):
@@ -128,12 +128,21 @@ def test_queue_bound_and_bad_requests(llm):
         engine.add_request([1], SamplingParams(top_p=0))
 
 
-def test_kv_budget_limits_slots(llm):
+def test_kv_budget_sizes_the_block_pool(llm):
     per_token = 2 * llm.model.args.num_hidden_layers * llm.model.args.num_key_value_heads * llm.model.args.head_dim * 4
-    engine = Engine(llm.model, llm.tokenizer, max_num_seqs=16, max_model_len=100, kv_cache_memory=per_token * 250)
-    assert engine.max_num_seqs == 2
+    engine = Engine(llm.model, llm.tokenizer, max_num_seqs=16, max_model_len=100, kv_cache_memory=per_token * 250,
+                    block_size=10)
+    assert engine.blocks.usable == 24  # 25 blocks of 10 tokens, less the null block
+    # Short sequences share the memory: far more than 250 // 100 of them run at once.
+    reqs = [engine.add_request([i + 1, i + 2], greedy(3)) for i in range(12)]
+    engine.step()
+    assert len(engine.running) == 12 and engine.blocks.num_used == 12
+    engine.run_to_completion(reqs)
+    assert engine.blocks.num_used == 0
     with pytest.raises(ValueError, match="KV cache budget"):
         Engine(llm.model, llm.tokenizer, max_model_len=100, kv_cache_memory=per_token * 50)
+    # Without a budget of its own, the pool holds max_num_seqs full-length sequences.
+    assert Engine(llm.model, None, max_num_seqs=3, max_model_len=64, block_size=16).blocks.usable == 12
 
 
 def test_defaults_come_from_generation_config(llm):

@@ -27,11 +27,11 @@ def test_max_tokens_one_does_not_enter_the_decode_batch(engine):
     short = engine.add_request([5, 6, 7], SamplingParams(max_tokens=1, seed=0))
     long = engine.add_request([5, 6, 8], SamplingParams(max_tokens=4, seed=0, ignore_eos=True))
     engine.step()
-    assert short.finish_reason == "length" and short.slot is None
+    assert short.finish_reason == "length" and not short.block_table
     assert engine.running == [long]
-    assert sorted(engine.free_slots + [long.slot]) == [0, 1]
+    assert engine.blocks.num_used == len(long.block_table) == 1
     _drain(engine)
-    assert len(long.output_ids) == 4 and sorted(engine.free_slots) == [0, 1] and not engine.running
+    assert len(long.output_ids) == 4 and engine.blocks.num_used == 0 and not engine.running
 
 
 def test_stop_token_as_first_token_frees_the_slot(engine):
@@ -42,4 +42,4 @@ def test_stop_token_as_first_token_frees_the_slot(engine):
     other = engine.add_request([12, 13], SamplingParams(max_tokens=3, seed=1, ignore_eos=True))
     _drain(engine)
     assert req.finish_reason == "stop" and req.output_ids == [first]
-    assert len(other.output_ids) == 3 and sorted(engine.free_slots) == [0, 1]
+    assert len(other.output_ids) == 3 and engine.blocks.num_used == 0

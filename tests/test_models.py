@@ -25,8 +25,19 @@ def tol(model):
     return NOISE_MULTIPLE * noise
 
 
-def make_cache(model, slots=4, length=64):
-    return KVCache(*model.kv_layout()[:1], slots, length, *model.kv_layout()[1:], torch.float32, "cpu")
+BLOCK = 4
+
+
+def make_cache(model, blocks=64):
+    return KVCache(*model.kv_layout()[:1], blocks, BLOCK, *model.kv_layout()[1:], torch.float32, "cpu")
+
+
+def tables(rows: int, length: int = 64, order=None) -> list[list[int]]:
+    """Block tables for ``rows`` sequences of up to ``length`` tokens, blocks interleaved
+    across rows (and ``order`` permuting the rows), so no row's blocks are consecutive."""
+    per = -(-length // BLOCK)
+    order = list(range(rows)) if order is None else order
+    return [[1 + order[r] + rows * i for i in range(per)] for r in range(rows)]
 
 
 def test_shapes(model):
@@ -41,25 +52,26 @@ def test_cached_decode_equals_full_recomputation(model, tol):
     full = model(torch.tensor([seq]))[0]
     cache = make_cache(model)
     n = len(PROMPTS[0])
-    step = model(torch.tensor([seq[:n]]), cache.view(torch.tensor([0]), n))[0]
+    table = [[5, 2, 9, 7]]  # scattered blocks
+    step = model(torch.tensor([seq[:n]]), cache.view(torch.tensor([0]), n, table))[0]
     got = [step[-1]]
     for pos in range(n, len(seq) - 1):
-        got.append(model(torch.tensor([[seq[pos]]]), cache.view(torch.tensor([pos]), 1))[0, -1])
+        got.append(model(torch.tensor([[seq[pos]]]), cache.view(torch.tensor([pos]), 1, table))[0, -1])
     assert torch.allclose(torch.stack(got), full[n - 1:-1], atol=tol, rtol=0)
 
 
 def test_padded_batch_equals_one_by_one(model, tol):
-    """Rows of different lengths, right-padded, in arbitrary cache slots."""
+    """Rows of different lengths, right-padded, in blocks scattered over the cache."""
     longest = max(map(len, PROMPTS))
     tokens = torch.zeros(len(PROMPTS), longest, dtype=torch.long)
     for b, p in enumerate(PROMPTS):
         tokens[b, :len(p)] = torch.tensor(p)
     cache = make_cache(model)
-    slots = torch.tensor([3, 0, 2])
+    blocks = tables(3, order=[2, 0, 1])
     last = torch.tensor([len(p) - 1 for p in PROMPTS])
-    batched = model(tokens, cache.view(torch.zeros(3, dtype=torch.long), longest, slots), logits_at=last)
+    batched = model(tokens, cache.view(torch.zeros(3, dtype=torch.long), longest, blocks, last + 1), logits_at=last)
     nxt = torch.tensor([[1], [2], [3]])
-    batched_step = model(nxt, cache.view(last + 1, 1, slots))[:, 0]
+    batched_step = model(nxt, cache.view(last + 1, 1, blocks))[:, 0]
     for b, p in enumerate(PROMPTS):
         alone = model(torch.tensor([p + [int(nxt[b])]]))[0]
         assert torch.allclose(batched[b], alone[len(p) - 1], atol=tol, rtol=0)

@@ -30,6 +30,7 @@ from megrez.engine import Engine, SamplingParams  # noqa: E402
 from megrez.llm import LLM  # noqa: E402
 from megrez.loading import load_model  # noqa: E402
 from megrez.server.app import ServerConfig, create_app  # noqa: E402
+from megrez.server.http import loopback_socket, make_server  # noqa: E402
 from megrez.server.protocol import TokenText  # noqa: E402
 from megrez.tiny import create_tiny  # noqa: E402
 from megrez.tokenizer import Tokenizer  # noqa: E402
@@ -48,19 +49,20 @@ def tiny_dir(tmp_path_factory) -> Path:
 class LiveServer:
     """uvicorn on a thread, on a socket bound to a free loopback port."""
 
-    def __init__(self, model_dir: Path, max_request_bytes: int = 64 << 10, **engine_kwargs):
+    def __init__(self, model_dir: Path, max_request_bytes: int = 64 << 10, http: dict | None = None,
+                 config: dict | None = None, **engine_kwargs):
         tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, device="cpu")
         engine_kwargs = {"max_num_seqs": 8, "max_model_len": MAX_LEN, **engine_kwargs}
         self.engine = Engine(model, tokenizer, **engine_kwargs)
         self.tokenizer = tokenizer
         self.app = create_app(self.engine, ServerConfig([MODEL, "alias"], api_key=KEY,
-                                                        max_request_bytes=max_request_bytes))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+                                                        max_request_bytes=max_request_bytes, **(config or {})))
+        sock = loopback_socket()
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(self.app, log_level="warning", on_drain=self.app.state.server.drain,
+                                  **{"shutdown_timeout": 1.0, **(http or {})})
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         wait_healthy(self.url)
@@ -324,11 +326,8 @@ def test_token_texts_are_distinct_and_partial_characters_show_their_bytes(live):
 
 
 # ---------------------------------------------------------------------------------------- load
-def test_32_concurrent_streams_equal_their_solo_runs(live):
-    requests = [dict(messages=[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}],
-                     seed=1000 + i, temperature=[0.0, 0.7, 1.0][i % 3], top_p=[1.0, 0.9][i % 2], max_tokens=16 + i % 5)
-                for i in range(32)]
-
+def crowd_streams(live, requests: list[dict]) -> list[tuple[str, str | None]]:
+    """All the chat requests streamed at once; each one's (text, finish reason)."""
     async def one(client, req):
         text, reason = [], None
         stream = await client.chat.completions.create(model=MODEL, stream=True, **req, **IGNORE_EOS)
@@ -345,8 +344,15 @@ def test_32_concurrent_streams_equal_their_solo_runs(live):
         finally:
             await client.close()
 
+    return asyncio.run(crowd())
+
+
+def test_32_concurrent_streams_equal_their_solo_runs(live):
+    requests = [dict(messages=[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}],
+                     seed=1000 + i, temperature=[0.0, 0.7, 1.0][i % 3], top_p=[1.0, 0.9][i % 2], max_tokens=16 + i % 5)
+                for i in range(32)]
     steps_before = live.engine.stats["steps"]
-    together = asyncio.run(crowd())
+    together = crowd_streams(live, requests)
     steps = live.engine.stats["steps"] - steps_before
     tokens = sum(r["max_tokens"] for r in requests)
     print(f"{steps} engine steps for {tokens} tokens")
@@ -372,7 +378,7 @@ def test_disconnect_mid_stream_frees_the_slot(live, client):
     wait_for(lambda: not live.engine.running, timeout=5)
     m = live.metrics()
     assert m["megrez_requests_running"] == 0 and m["megrez_kv_cache_usage_ratio"] == 0
-    assert m["megrez_kv_cache_free_slots"] == live.engine.max_num_seqs
+    assert m['megrez_kv_cache_blocks{state="used"}'] == 0
     assert m['megrez_requests_finished_total{finish_reason="abort"}'] == \
         before.get('megrez_requests_finished_total{finish_reason="abort"}', 0) + 1
     assert m["megrez_generation_tokens_total"] - before["megrez_generation_tokens_total"] < 900
@@ -502,7 +508,10 @@ BAD_INPUTS = [
     _case("top-logprobs-huge", {"messages": USER, "logprobs": True, "top_logprobs": 100}, 400, "top_logprobs"),
     _case("top-logprobs-without-logprobs", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     _case("top-logprobs-negative", {"messages": USER, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
-    _case("logit-bias-unsupported", {"messages": USER, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    _case("logit-bias-not-a-token-id", {"messages": USER, "logit_bias": {"five": 10}}, 400, "logit_bias"),
+    _case("logit-bias-out-of-vocab", {"messages": USER, "logit_bias": {"99999999": 10}}, 400, "logit_bias"),
+    _case("logit-bias-too-strong", {"messages": USER, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    _case("logit-bias-not-object", {"messages": USER, "logit_bias": [5, 10]}, 400, "logit_bias"),
     _case("tools-unsupported", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
     _case("model-not-string", {"model": 5, "messages": USER}, 400, "model"),
     _case("prompt-over-context", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages",
@@ -520,7 +529,17 @@ BAD_INPUTS = [
     _case("completion-token-negative", {"prompt": [[1, -3]]}, 400, "prompt", path=COMPLETIONS),
     _case("completion-prompt-object", {"prompt": {"text": "hi"}}, 400, "prompt", path=COMPLETIONS),
     _case("completion-logprobs-huge", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", path=COMPLETIONS),
-    _case("completion-echo-unsupported", {"prompt": "hi", "echo": True}, 400, "echo", path=COMPLETIONS),
+    _case("completion-echo-not-bool", {"prompt": "hi", "echo": "yes"}, 400, "echo", path=COMPLETIONS),
+    _case("completion-suffix-unsupported", {"prompt": "hi", "suffix": "end"}, 400, "suffix", path=COMPLETIONS,
+          code="unsupported_parameter"),
+    _case("completion-max-tokens-negative", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", path=COMPLETIONS),
+    _case("text-plain-body", b'{"messages": [{"role": "user", "content": "hi"}]}', 415,
+          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}, code="unsupported_media_type"),
+    _case("form-body", b"messages=hi", 415, headers={"Authorization": f"Bearer {KEY}",
+                                                     "Content-Type": "application/x-www-form-urlencoded"},
+          code="unsupported_media_type"),
+    _case("tokenize-no-prompt", {"add_special_tokens": True}, 400, "prompt", path="/v1/tokenize"),
+    _case("detokenize-out-of-vocab", {"tokens": [1, 10 ** 9]}, 400, "tokens", path="/v1/detokenize"),
     _case("completion-best-of", {"prompt": "hi", "best_of": 3}, 400, "best_of", path=COMPLETIONS),
     _case("completion-too-many-choices", {"prompt": ["a"] * 8, "n": 16}, 400, "n", path=COMPLETIONS),
     _case("completion-prompt-over-context", {"prompt": [5] * MAX_LEN}, 400, "prompt",

@@ -138,3 +138,47 @@ def test_sse_events_survive_splitlines_readers():
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text
     assert "你好" in event  # everything else stays readable UTF-8
+
+
+def test_token_id_pattern_matches_exactly_the_ids_below_the_vocabulary():
+    import re
+
+    from megrez.server.openapi import integers_below
+
+    for n in (1, 7, 10, 11, 99, 100, 935, 8192, 151936):
+        pattern = re.compile(integers_below(n))
+        assert all(bool(pattern.match(str(i))) == (i < n) for i in range(n + 1200)), n
+        assert not pattern.match("-1") and not pattern.match("") and not pattern.match("1.0")
+
+
+def test_max_tokens_fields_are_all_checked_and_the_first_given_wins():
+    e = error_of(parse_chat, {"messages": USER, "max_completion_tokens": 5, "max_tokens": 0}, LIMITS, VOCAB)
+    assert e.param == "max_tokens"
+    req = parse_chat({"messages": USER, "max_completion_tokens": 5, "max_tokens": 9}, LIMITS, VOCAB)
+    assert req.params.max_tokens == 5 and req.max_tokens_given
+
+
+def test_token_budget_caps_defaults_and_refuses_explicit_excess():
+    limits = Limits(max_request_tokens=100)
+    req = parse_completion({"prompt": ["a", "b"], "n": 2}, limits, VOCAB)  # the default 16 x 4 fits
+    assert req.token_budget([3, 3], 1024, limits, 10) == (None, None)
+    req = parse_completion({"prompt": ["a", "b"], "n": 4}, limits, VOCAB)  # 16 x 8 > 100: lowered
+    assert req.token_budget([3, 3], 1024, limits, 10) == (12, "max_request_tokens")
+    assert req.choice_params(0, 3, 1024, 12).max_tokens == 12
+    req = parse_completion({"prompt": "a", "n": 4, "max_tokens": 30}, limits, VOCAB)
+    e = error_of(req.token_budget, [3], 1024, limits, 10)
+    assert e.param == "max_tokens" and e.code == "request_too_large" and e.limit == "max_request_tokens"
+    # Whole answers are bounded in bytes (streams are not).
+    small = Limits(max_response_bytes=20_000)
+    req = parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 5}, small, VOCAB)
+    cap, limit = req.token_budget([10], 1024, small, 500)
+    assert limit == "max_response_bytes" and 0 < cap * 500 <= 20_000
+    req = parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 5, "stream": True}, small, VOCAB)
+    assert req.token_budget([10], 1024, small, 500) == (None, None)
+
+
+def test_echo_asks_for_prompt_logprobs():
+    req = parse_completion({"prompt": [1, 2, 3], "echo": True, "logprobs": 2, "max_tokens": 0}, LIMITS, VOCAB)
+    assert req.echo and req.params.prompt_logprobs == 2 and req.params.max_tokens == 0
+    assert parse_completion({"prompt": "a", "echo": True}, LIMITS, VOCAB).params.prompt_logprobs is None
+    assert parse_completion({"prompt": [1.0, 2.0]}, LIMITS, VOCAB).prompts == [[1, 2]]

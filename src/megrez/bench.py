@@ -132,20 +132,37 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 # ------------------------------------------------------------------------------ accounting
 
+def _stored_tensors(model):
+    """(name, bytes) of every weight as stored: float parameters and quantized tensors
+    (QuantTensor attributes of quantized modules) alike, shared tensors once."""
+    from .quant.formats import QuantTensor
+
+    seen = set()
+    for name, p in model.named_parameters():
+        seen.add(p.data_ptr())
+        yield name, p.numel() * p.element_size()
+    for mod_name, mod in model.named_modules():
+        for attr, v in vars(mod).items():
+            if isinstance(v, QuantTensor) and v.data.data_ptr() not in seen:
+                seen.add(v.data.data_ptr())
+                yield f"{mod_name}.{attr}", v.nbytes
+
+
 def weight_bytes(model) -> dict:
-    """Bytes of weights per category: everything but routed experts and the embedding table,
-    one routed expert, one embedding row."""
+    """Bytes of weights per category, as stored (quantized weights at their quantized size):
+    everything but routed experts and the embedding table, one routed expert (the mean over the
+    banks), one embedding row."""
     a = model.args
-    size = next(model.parameters()).element_size()
-    expert = 0
-    if hasattr(a, "moe_intermediate_size"):
-        expert = 3 * a.hidden_size * a.moe_intermediate_size * size
-    banks = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * size
-    embed = model.model.embed_tokens.weight.numel() * size
-    dense = sum(p.numel() for p in model.parameters()) * size - banks - embed
+    tensors = dict(_stored_tensors(model))
+    bank_names = [n for n in tensors if ".experts." in n]
+    banks = sum(tensors[n] for n in bank_names)
+    n_banks = len(bank_names) // 3
+    expert = banks / (n_banks * a.n_routed_experts) if n_banks else 0
+    embed = tensors["model.embed_tokens.weight"]
+    dense = sum(tensors.values()) - banks - embed
     if a.tie_word_embeddings:
         dense += embed  # the tied table is read in full by the LM head
-    return {"dense": dense, "expert": expert, "embed_row": a.hidden_size * size}
+    return {"dense": dense, "expert": expert, "embed_row": embed / a.vocab_size}
 
 
 class ExpertCounter:

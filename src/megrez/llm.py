@@ -16,6 +16,7 @@ from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
+from .loading.gguf import tokenizer_path
 from .tokenizer import Tokenizer
 
 
@@ -50,21 +51,25 @@ class LLM:
     ``gpu_memory_budget`` (e.g. "6GiB"; Megrez2 only) keeps the routed experts in host memory
     and caches them on the device within the budget, prefetching each layer's experts as soon
     as the pre-gate names them (``offload_policy``: "group" or "lru"; ``prefetch=False`` to
-    compare)."""
+    compare).
+
+    ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, in
+    llama.cpp's block formats (see :mod:`megrez.quant`)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
-                 router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 router_bias: str | None = None, quantization: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
                  offload_policy: str = "group", prefetch: bool = True, **engine_options):
         budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
-        self.tokenizer = Tokenizer(self.path)
+        self.tokenizer = Tokenizer(tokenizer_path(self.path))
         self.offload = None
         if budget is None:
-            self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, quantization=quantization, **overrides)
         else:
-            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu", **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu",
+                                    quantization=quantization, **overrides)
             self.offload, kv_cache_memory = plan_offload(self.model, budget, kv_cache_memory, offload_policy,
                                                          prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -94,15 +99,33 @@ class LLM:
         return self._run([self.encode_prompt(p) for p in batch], plist, single)
 
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs):
-        """Answer a conversation (a list of {"role", "content"}), or a list of conversations."""
+        """Answer a conversation (a list of {"role", "content"}), or a list of conversations.
+
+        With a Megrez-3B-Omni checkpoint, content may be a list of parts -- text, images and
+        audio (``{"type": "image", "image": "cat.jpg"}``, ``{"type": "audio", "audio": "q.wav"}``,
+        OpenAI ``image_url``/``input_audio`` parts) -- or the official ``{"text", "image",
+        "audio"}`` dict (see ``megrez.multimodal.prompt``)."""
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else list(messages)
         plist = params if isinstance(params, list) else [params] * len(convs)
-        ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in convs]
-        return self._run(ids, plist, single)
+        encoded = [self.encode_conversation(c, **template_kwargs) for c in convs]
+        return self._run([ids for ids, _ in encoded], plist, single, [e for _, e in encoded])
 
-    def _run(self, prompt_ids: list[list[int]], plist, single: bool):
-        reqs = [self.engine.add_request(ids, p) for ids, p in zip(prompt_ids, plist)]
+    def encode_conversation(self, messages, check_length: bool = True, **template_kwargs):
+        """(token ids, placeholder embeddings or None) of a conversation; images and audio
+        are encoded here (``check_length``: refuse media that leave no room in the context)."""
+        from .multimodal.prompt import has_media, prepare_chat
+
+        if not has_media(messages):
+            return self.tokenizer.encode_chat(messages, **template_kwargs), None
+        ids, embeddings, _ = prepare_chat(self.model, self.tokenizer, messages,
+                                          max_len=self.engine.max_model_len if check_length else None,
+                                          **template_kwargs)
+        return ids, embeddings
+
+    def _run(self, prompt_ids: list[list[int]], plist, single: bool, embeddings=None):
+        embeddings = embeddings or [None] * len(prompt_ids)
+        reqs = [self.engine.add_request(ids, p, embeddings=e) for ids, p, e in zip(prompt_ids, plist, embeddings)]
         collected = {r.request_id: [] for r in reqs}
         pending = set(collected)
         while pending:
@@ -120,18 +143,20 @@ class LLM:
         return self._stream(self.encode_prompt(prompt), params)
 
     def chat_stream(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Iterator[str]:
-        return self._stream(self.tokenizer.encode_chat(messages, **template_kwargs), params)
+        ids, embeddings = self.encode_conversation(messages, **template_kwargs)
+        return self._stream(ids, params, embeddings)
 
-    def _stream(self, ids: list[int], params) -> Iterator[str]:
-        for out in self.stream_outputs(ids, params):
+    def _stream(self, ids: list[int], params, embeddings=None) -> Iterator[str]:
+        for out in self.stream_outputs(ids, params, embeddings):
             if out.new_text:
                 yield out.new_text
 
-    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None,
+                       embeddings=None) -> Iterator[RequestOutput]:
         """Every engine step's output for one request (token ids, text delta, finish reason),
         text or not, so a caller can stop between any two steps. Closing the iterator early
         cancels the request and frees its cache slot."""
-        req = self.engine.add_request(ids, params)
+        req = self.engine.add_request(ids, params, embeddings=embeddings)
         self.last_request = req
         try:
             while True:

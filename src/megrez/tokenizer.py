@@ -76,10 +76,12 @@ class Tokenizer:
         if template is None and (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template_source = "tokenizer_config.json" if template else "built-in Megrez format"
-        self._template = _compile_template(template or MEGREZ_CHAT_TEMPLATE, path / "tokenizer_config.json")
+        self.chat_template = template or MEGREZ_CHAT_TEMPLATE
+        self._template = _compile_template(self.chat_template, path / "tokenizer_config.json")
 
         self.bos_token = _token_content(self.config.get("bos_token"))
         self.eos_token = _token_content(self.config.get("eos_token"))
+        self.pad_token = _token_content(self.config.get("pad_token"))
         stop = set()
         for source in (generation.get("eos_token_id"), model_config.get("eos_token_id")):
             if isinstance(source, int):
@@ -98,7 +100,9 @@ class Tokenizer:
 
     # -------------------------------------------------------------------------------- text
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long text tokenized in one thread
+        # then does not stall the others (the server's event loop, the engine).
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

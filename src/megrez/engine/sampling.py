@@ -2,6 +2,12 @@
 
 Every request carries its own ``torch.Generator``: the random numbers a request consumes
 depend only on its seed and its own step count, never on what else is in the batch.
+
+Rows are sampled one by one in float64, so that any value the parameters allow gives a
+well-defined distribution: temperature divides logits after their maximum is subtracted (a
+temperature of 1e-40 is the exact greedy limit, not an overflow), top-p always keeps the most
+likely token, and a repetition penalty so small that penalised logits overflow resolves to
+its limit (the largest of the overflowing logits wins).
 """
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20       # the server's default bound on logprobs / top_logprobs
+MAX_LOGIT_BIAS = 100.0  # |bias| bound, as in the OpenAI API
 
 
 @dataclass
@@ -32,6 +39,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top-k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top-k
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -46,9 +55,11 @@ class SamplingParams:
         def number(name, v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
-                                            or self.max_tokens < 1):
-            bad("max_tokens", self.max_tokens, "must be a positive integer")
+        def count(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if self.max_tokens is not None and not count(self.max_tokens):
+            bad("max_tokens", self.max_tokens, "must be a non-negative integer (0: prompt logprobs only)")
         if self.temperature is not None and (not number("temperature", self.temperature) or not 0 <= self.temperature <= 100):
             bad("temperature", self.temperature, "must be a number in [0, 100]")
         if self.top_p is not None and (not number("top_p", self.top_p) or not 0 < self.top_p <= 1):
@@ -69,9 +80,18 @@ class SamplingParams:
             bad("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of non-negative integers")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not count(v):
+                bad(name, v, "must be a non-negative integer")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", self.logit_bias, "must be a dict of token id -> bias")
+            for t, b in self.logit_bias.items():
+                if not count(t):
+                    bad("logit_bias", t, "keys must be non-negative token ids")
+                if not number("logit_bias", b) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+                    bad("logit_bias", b, f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         return self
 
     def with_defaults(self, generation_config: dict | None) -> "SamplingParams":
@@ -117,6 +137,18 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, output: torch.T
     return logits
 
 
+def resolve_overflow(row: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Logits pushed to +inf (a repetition penalty near 0 divides positive logits) stand for
+    values so far above the rest that only the largest of them keeps any probability: the
+    limit puts all mass on the overflowing tokens with the largest logit ``before`` the push."""
+    up = row == float("inf")
+    if not up.any():
+        return row
+    best = before[up].max()
+    keep = up & (before == best)
+    return torch.where(keep, torch.zeros_like(row), torch.full_like(row, float("-inf")))
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """One row of temperature-scaled logits -> the same with excluded tokens at -inf."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -125,8 +157,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     if top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the most likely token
+        # (a top_p that rounds to 0 would otherwise drop every token).
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -139,33 +173,53 @@ class SampleResult:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+def sample_row(logits: torch.Tensor, r, logprobs: torch.Tensor | None = None) -> SampleResult:
+    """One request's next token. ``logits`` [V] (the model's, any float dtype); ``r`` has
+    ``params`` (filled), ``generator``, ``history_ids`` and ``output_ids``; ``logprobs`` [V] is
+    the row's log-softmax when the request asked for logprobs."""
+    p = r.params
+    row = logits.double()  # a copy: the batch's logits stay untouched
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        before = row.clone()
+        device = row.device
+        history = torch.tensor(r.history_ids, dtype=torch.long, device=device)
+        output = torch.tensor(r.output_ids, dtype=torch.long, device=device)
+        row = apply_penalties(row, history, output, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        row = resolve_overflow(row, before)
+    if p.temperature == 0:
+        token = int(row.argmax())
+    else:
+        row = filter_top_k_top_p(row, p.top_k, 1.0)
+        # Subtract the maximum first: (l - max) / t is at most 0 for any t > 0, never inf - inf.
+        row = (row - row.max()) / p.temperature
+        row = filter_top_k_top_p(row, 0, p.top_p)
+        token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
+    result = SampleResult(token)
+    if p.logprobs is not None:
+        result.logprob = float(logprobs[token])
+        if p.logprobs > 0:
+            vals, ids = logprobs.topk(min(p.logprobs, logprobs.shape[-1]))
+            result.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+    return result
+
+
 def sample_rows(logits: torch.Tensor, rows: list) -> list[SampleResult]:
-    """logits [B, V] float32, one row per request; ``rows[b]`` has ``params`` (filled),
-    ``generator``, ``history_ids`` and ``output_ids``."""
+    """logits [B, V], one row per request (see :func:`sample_row`)."""
     logits = logits.float()
-    raw_logprobs = None
-    if any(r.params.logprobs is not None for r in rows):
-        raw_logprobs = logits.log_softmax(-1)
-    results = []
-    for b, r in enumerate(rows):
-        p = r.params
-        row = logits[b].clone()
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            device = row.device
-            history = torch.tensor(r.history_ids, dtype=torch.long, device=device)
-            output = torch.tensor(r.output_ids, dtype=torch.long, device=device)
-            row = apply_penalties(row, history, output, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-        if p.temperature == 0:
-            token = int(row.argmax())
-        else:
-            row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
-            token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
-        result = SampleResult(token)
-        if p.logprobs is not None:
-            lp = raw_logprobs[b]
-            result.logprob = float(lp[token])
-            if p.logprobs > 0:
-                vals, ids = lp.topk(p.logprobs)
-                result.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
-        results.append(result)
-    return results
+    raw = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
+    return [sample_row(logits[b], r, None if raw is None else raw[b]) for b, r in enumerate(rows)]
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: list[int], k: int) -> list[SampleResult]:
+    """Log-probabilities of given tokens: ``logprobs`` [N, V] (log-softmax rows), ``targets[i]``
+    the token that followed row i; with the top k of each row when k > 0."""
+    target = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+    tops = None
+    if k > 0:
+        vals, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return [SampleResult(t, lp, tops[i] if tops else None) for i, (t, lp) in enumerate(zip(targets, chosen))]

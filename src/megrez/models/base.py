@@ -253,6 +253,11 @@ class TransformerLM(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]: what ``input_embeddings`` replaces (rows of it, for
+        multimodal prompts)."""
+        return self.model.embed_tokens(tokens)
+
     def forward(self, tokens: torch.Tensor | None, cache=None, input_embeddings: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, vocab], or [B, vocab] at position ``logits_at[b]`` of
@@ -283,6 +288,9 @@ class TransformerLM(nn.Module):
             names[name] = (name, None)
         for name, buf in self.named_buffers():
             names[name] = (name, None)
+        for mname, module in self.named_modules():  # quantized weights (megrez.quant.modules)
+            for attr in getattr(module, "quant_tensors", ()):
+                names[f"{mname}.{attr}"] = (f"{mname}.{attr}", None)
         if self.args.tie_word_embeddings:
             names.pop("lm_head.weight", None)
         return names

@@ -1,8 +1,11 @@
-"""Preallocated key/value cache organised in slots: one slot per running sequence.
+"""Paged key/value cache: fixed-size blocks, and a block table per sequence.
 
-The cache only stores tensors. Which slot a sequence uses and how many tokens it holds is
-the engine's business: it builds a :class:`CacheView` for every forward pass, and advances
-the lengths itself afterwards.
+The cache only stores tensors. Which blocks a sequence owns, which are shared between
+sequences (prefix caching) and how many tokens each holds is the engine's business: it
+builds a :class:`CacheView` for every forward pass from the sequences' block tables.
+
+Block 0 is never given to a sequence: padding tokens of a batch write there, so a
+padded row can never touch another sequence's (possibly shared) blocks.
 """
 from __future__ import annotations
 
@@ -10,14 +13,22 @@ import torch
 
 from .base import sdpa
 
+NULL_BLOCK = 0
+
 
 class KVCache:
-    def __init__(self, num_layers: int, num_slots: int, max_len: int, n_kv: int, head_dim: int,
+    """Per layer, keys and values as ``[n_kv, num_blocks, block_size, head_dim]``: gathering a
+    batch's blocks along dim 1 gives ``[B, n_kv, S, head_dim]`` as a view, one copy in all."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_slots, n_kv, max_len, head_dim)
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(f"a paged KV cache needs at least 2 blocks of at least 1 token "
+                             f"(got {num_blocks} x {block_size})")
+        shape = (n_kv, num_blocks, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots, self.max_len = num_slots, max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -27,55 +38,77 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def view(self, starts, num_new: int, slots=None) -> "CacheView":
-        """A context for a forward pass over ``num_new`` tokens per row, row b starting at
-        position ``starts[b]`` of slot ``slots[b]`` (rows 0..B-1 when ``slots`` is None).
-        ``starts`` and ``slots`` are lists of ints or 1-D tensors."""
-        return CacheView(self, starts, num_new, slots)
+    def view(self, starts, num_new: int, block_tables: list[list[int]], valid=None) -> "CacheView":
+        """A context for a forward pass over ``num_new`` tokens per row: row b's tokens sit at
+        positions ``starts[b]...`` of the sequence whose blocks are ``block_tables[b]``. Only
+        the first ``valid[b]`` tokens of a row are real (default: all); the rest is padding."""
+        return CacheView(self, starts, num_new, block_tables, valid)
+
+
+def _ints(x) -> list[int]:
+    return [int(v) for v in (x.tolist() if torch.is_tensor(x) else x)]
 
 
 class CacheView:
-    """Attention for one forward pass against the cache: write the new keys/values at each
-    row's positions, then attend over the row's whole history."""
+    """Attention for one forward pass against the cache: write the new keys/values of every
+    row into its blocks, then attend over each row's whole history. All rows are written
+    before any is read, so rows of one pass may share blocks."""
 
-    def __init__(self, cache: KVCache, starts, num_new: int, slots=None):
+    def __init__(self, cache: KVCache, starts, num_new: int, block_tables: list[list[int]], valid=None):
         device = cache.k[0].device
-        starts = [int(s) for s in (starts.tolist() if torch.is_tensor(starts) else starts)]
+        bs = cache.block_size
+        starts = _ints(starts)
         b = len(starts)
-        slots = list(range(b)) if slots is None else [int(s) for s in (slots.tolist() if torch.is_tensor(slots)
-                                                                       else slots)]
+        valid = [num_new] * b if valid is None else _ints(valid)
+        if len(block_tables) != b or len(valid) != b:
+            raise ValueError(f"{b} rows but {len(block_tables)} block tables and {len(valid)} lengths")
         self.cache, self.starts, self.num_new = cache, starts, num_new
         self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)  # [B, T]
-        # Keys beyond the longest row are never attended: slice them off instead of masking.
-        self.span = max(starts) + num_new
-        if self.span > cache.max_len:
-            raise ValueError(f"sequence of {self.span} tokens exceeds the KV cache length {cache.max_len}")
-        # Consecutive slots are read as a view; others are gathered.
-        self._rows = slice(slots[0], slots[0] + b) if slots == list(range(slots[0], slots[0] + b)) else \
-            torch.tensor(slots, device=device)
-        self._slot_index = torch.tensor(slots, device=device)[:, None]
+        ends = [s + n for s, n in zip(starts, valid)]
+        # Keys beyond the longest row are never attended: they are not gathered at all.
+        self.span = max(ends)
+        n_blocks = -(-self.span // bs)
+        for row, (table, end) in enumerate(zip(block_tables, ends)):
+            if len(table) * bs < end:
+                raise ValueError(f"row {row} needs {end} cached tokens but its {len(table)} blocks hold "
+                                 f"{len(table) * bs}")
+        # Where each new token's key/value goes (flat index block * block_size + offset);
+        # padding goes to the null block, which no sequence reads as its own.
+        slots = []
+        for s, n, table in zip(starts, valid, block_tables):
+            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            slots += [NULL_BLOCK * bs + j % bs for j in range(num_new - n)]
+        self._slots = torch.tensor(slots, device=device)
+        tables = [list(t[:n_blocks]) + [NULL_BLOCK] * (n_blocks - len(t[:n_blocks])) for t in block_tables]
+        # One row over consecutive blocks (a sequence decoding alone) is read as a view.
+        first = tables[0][0]
+        self._contiguous = b == 1 and tables[0] == list(range(first, first + n_blocks))
+        self._blocks = slice(first, first + n_blocks) if self._contiguous else \
+            torch.tensor(tables, device=device).flatten()
+        self._rows, self._n_blocks = b, n_blocks
         self.mask, self.is_causal = None, False
-        if num_new == 1 and len(set(starts)) == 1:
-            pass  # one new token per row, all rows equally long: every cached key is visible
-        elif set(starts) == {0}:
+        if num_new == 1 and len(set(ends)) == 1 and len(set(starts)) == 1:
+            pass  # one new token per row, all rows equally long: every gathered key is visible
+        elif set(starts) == {0} and self.span == num_new:
             self.is_causal = True  # a fresh prefill: plain causal attention
         else:
             key_pos = torch.arange(self.span, device=device)
             self.mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, T, S]
 
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:
+        n_kv, _, bs, hd = cache.shape
+        blocks = cache[:, self._blocks]                                    # [nkv, B*nb, bs, hd]
+        rows = blocks.view(n_kv, self._rows, self._n_blocks * bs, hd).permute(1, 0, 2, 3)  # [B, nkv, nb*bs, hd]
+        return rows[:, :, : self.span]
+
     def attend(self, layer_idx: int, q, k, v):
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        k, v = k.to(kc.dtype), v.to(vc.dtype)
-        if len(self.starts) == 1:
-            slot, start = (self._rows.start if isinstance(self._rows, slice) else int(self._rows[0])), self.starts[0]
-            kc[slot, :, start:start + self.num_new] = k[0]
-            vc[slot, :, start:start + self.num_new] = v[0]
-        else:
-            # kc[idx, :, pos] addresses [B, T, nkv, hd] (advanced indices first).
-            kc[self._slot_index, :, self.positions] = k.transpose(1, 2)
-            vc[self._slot_index, :, self.positions] = v.transpose(1, 2)
-        keys = kc[self._rows, :, : self.span]
-        values = vc[self._rows, :, : self.span]
+        n_kv, hd = kc.shape[0], kc.shape[-1]
+        flat_k, flat_v = kc.view(n_kv, -1, hd), vc.view(n_kv, -1, hd)
+        # [B, nkv, T, hd] -> [nkv, B*T, hd], row-major like the slots.
+        flat_k[:, self._slots] = k.to(kc.dtype).transpose(0, 1).reshape(n_kv, -1, hd)
+        flat_v[:, self._slots] = v.to(vc.dtype).transpose(0, 1).reshape(n_kv, -1, hd)
+        keys, values = self._gather(kc), self._gather(vc)
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # CPU attention kernels are several times slower in 16-bit; the cast costs little.
             out = sdpa(q.float(), keys.float(), values.float(), mask=self.mask, is_causal=self.is_causal)

@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API over one engine (FastAPI).
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /health``, ``GET /metrics``. Bodies are read and validated by hand (see
-``protocol``) so that every client mistake becomes a 400-class OpenAI error body that
-names the field, never a framework-shaped 422 or a 500.
+``POST /v1/tokenize``, ``POST /v1/detokenize``, ``GET|HEAD /health``, ``GET /metrics``,
+``GET /openapi.json``. Bodies are read and validated by hand (see ``protocol``) so that
+every client mistake becomes a 400-class OpenAI error body that names the field, never a
+framework-shaped 422 or a 500. Templates and tokenizers run in worker threads (the
+tokenizer releases the GIL), after a size check that costs nothing, so a huge prompt
+never stalls the event loop or the engine.
 
     from megrez.server.app import ServerConfig, create_app
     app = create_app(engine, ServerConfig(served_model_names=["megrez"]))
@@ -14,9 +17,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -25,11 +30,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, QueueFull
-from . import metrics, protocol
+from ..engine.sampling import SampleResult
+from . import metrics, openapi, protocol
 from .engine_loop import EngineFailed, EngineLoop
 from .protocol import APIError, GenerationRequest, Limits, TokenText
+
+PARSE_IN_THREAD_BYTES = 1 << 20  # bodies larger than this are parsed off the event loop
 
 log = logging.getLogger("megrez.server")
 
@@ -39,7 +48,15 @@ class ServerConfig:
     served_model_names: list[str]
     api_key: str | None = None
     max_request_bytes: int = 4 << 20
+    body_timeout: float = 60.0  # seconds to receive a whole request body
+    # Local image/audio paths in content parts are read only under these directories
+    # (none: data: URLs and base64 only). Remote URLs are never fetched.
+    allowed_media_dirs: tuple = ()
     limits: Limits = field(default_factory=Limits)
+
+
+class ClientGone(Exception):
+    """The client hung up before its request was read: nobody is left to answer."""
 
 
 class EventStream(StreamingResponse):
@@ -72,8 +89,15 @@ class OpenAIServer:
         self.token_text = TokenText(engine.tokenizer)
         self.vocab_size = engine.model.args.vocab_size
         self.errors: Counter = Counter()  # HTTP status -> error responses sent
+        self.limits_hit: Counter = Counter()  # limit name -> requests refused or capped by it
         self.created = int(time.time())
+        self.draining = False
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
+        # Tokenizing and rendering run here, never on the event loop.
+        self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megrez-tokenize")
+        self.token_text.entry_bytes(None)  # scans the vocabulary once, now rather than mid-request
+        # A text of C characters has at least C / longest tokens (a normalizer may shorten it: x2).
+        self._chars_per_token = self.token_text.longest_token_bytes * (2 if engine.tokenizer.hf.normalizer else 1)
 
     # ------------------------------------------------------------------------------ checks
     def check_auth(self, request: Request) -> None:
@@ -86,6 +110,14 @@ class OpenAIServer:
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    def check_json(self, request: Request) -> None:
+        """Bodies must be declared JSON: a web page can only make a browser send text/plain or
+        form bodies to this server without asking it first (CORS), and those are refused."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                                f"(got {media or 'no Content-Type'!r})", code="unsupported_media_type")
+
     async def read_body(self, request: Request) -> bytes:
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
@@ -94,12 +126,40 @@ class OpenAIServer:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+        deadline = asyncio.get_running_loop().time() + self.config.body_timeout
+        stream = request.stream().__aiter__()
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), max(left, 0))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"request body not received within {self.config.body_timeout:g} s",
+                                   code="request_timeout", headers={"Connection": "close"}) from None
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone() from None
         return b"".join(chunks)
+
+    async def read_json(self, request: Request) -> dict:
+        self.check_json(request)
+        raw = await self.read_body(request)
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            return await self.in_worker(protocol.parse_body, raw)
+        return protocol.parse_body(raw)
+
+    async def in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable",
+                           code="server_shutting_down", headers={"Connection": "close"})
 
     def model_name(self, requested: str | None) -> str:
         names = self.config.served_model_names
@@ -110,24 +170,62 @@ class OpenAIServer:
                                 f"{', '.join(map(repr, names))}", param="model", code="model_not_found")
         return requested
 
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise protocol.invalid("messages", f"the chat template cannot render these messages: {e}") from None
+
+    def encode_text(self, text: str, param: str, add_special_tokens: bool = True, check: bool = True) -> list[int]:
+        """Refuses a text that cannot fit the context before tokenizing it: counting its
+        characters bounds its tokens from below at no cost."""
+        least = math.ceil(len(text) / self._chars_per_token)
+        if check and least >= self.engine.max_model_len:
+            raise protocol.invalid(
+                param, f"this model's context is {self.engine.max_model_len} tokens, and a prompt of {len(text)} "
+                       f"characters has at least {least} tokens", code="context_length_exceeded")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def encode(self, req: GenerationRequest) -> list[list[int]]:
-        """Runs in a worker thread: templates and tokenizers on long inputs take a while."""
+        return self.encode_with_media(req)[0]
+
+    def encode_with_media(self, req: GenerationRequest) -> tuple[list[list[int]], dict]:
+        """Token ids of every prompt, and the image/audio embeddings of those that have media
+        (prompt index -> [(position, vectors)]). Runs in a worker thread: templates and
+        tokenizers on long inputs take a while, and image/audio encoders longer (they run
+        here, once per request, whatever ``n`` is)."""
+        from ..multimodal import MediaError
+        from ..multimodal.prompt import MediaPolicy, has_media, prepare_chat
+
         out = []
+        media_embeddings = {}
         for prompt in req.prompts:
-            if req.kind == "chat":
+            if req.kind == "chat" and has_media(prompt):
+                policy = MediaPolicy(allow_paths=bool(self.config.allowed_media_dirs),
+                                     allowed_dirs=tuple(self.config.allowed_media_dirs))
                 try:
-                    out.append(self.tokenizer.encode_chat(prompt))
-                except (ValueError, jinja2.TemplateError) as e:
-                    raise protocol.invalid("messages", f"the chat template cannot render these messages: {e}") \
-                        from None
+                    ids, embeddings, _ = prepare_chat(self.engine.model, self.tokenizer, prompt, policy,
+                                                      max_len=self.engine.max_model_len)
+                except MediaError as e:
+                    param = str(e).split(":", 1)[0] if str(e).startswith("messages[") else "messages"
+                    code = "context_length_exceeded" if "context holds" in str(e) else None
+                    raise APIError(400, str(e), param=param.split(" ")[0], code=code) from None
+                media_embeddings[len(out)] = embeddings
+                out.append(ids)
+            elif req.kind == "chat":
+                # The template already wrote any special tokens it wants (as transformers does).
+                out.append(self.encode_text(self.render(prompt), "messages", add_special_tokens=False))
             elif isinstance(prompt, str):
-                out.append(self.tokenizer.encode(prompt))
+                out.append(self.encode_text(prompt, "prompt"))
             else:
                 bad = [t for t in prompt if not 0 <= t < self.vocab_size]
                 if bad:
                     raise protocol.invalid("prompt", f"token ids must be in [0, {self.vocab_size}) (got {bad[0]})")
                 out.append(list(prompt))
-        return out
+        return out, media_embeddings
+
+    def echo_text(self, prompt, ids: list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def check_length(self, ids: list[int], param: str) -> None:
         limit = self.engine.max_model_len
@@ -142,26 +240,40 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------ generation
     async def handle(self, request: Request, kind: str) -> Response:
         self.check_auth(request)
-        body = protocol.parse_body(await self.read_body(request))
+        self.check_open()
+        body = await self.read_json(request)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         req = parse(body, self.config.limits, self.vocab_size)
         model = self.model_name(req.model)
-        prompt_ids = await asyncio.to_thread(self.encode, req)
+        prompt_ids, embeddings = await self.in_worker(self.encode_with_media, req)
         for ids in prompt_ids:
             self.check_length(ids, "messages" if kind == "chat" else "prompt")
+        try:
+            cap, limit = req.token_budget([len(ids) for ids in prompt_ids], self.engine.max_model_len,
+                                          self.config.limits, self.token_text.entry_bytes(req.logprobs))
+        except APIError as e:
+            self.limits_hit[getattr(e, "limit", "other")] += 1
+            raise
+        if limit is not None:
+            self.limits_hit[limit] += 1
         sink: asyncio.Queue = asyncio.Queue()
-        rids = self.submit(req, prompt_ids, sink)
+        rids = self.submit(req, prompt_ids, sink, cap, embeddings)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        run = Run(self, req, model, rid, rids, sink, sum(map(len, prompt_ids)))
+        run = Run(self, req, model, rid, rids, sink, prompt_ids)
         if req.stream:
             return EventStream(run.events(), on_close=lambda: self.abort(rids),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
 
-    def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue) -> dict[int, str]:
+    def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue,
+               cap: int | None = None, embeddings: dict | None = None) -> dict[int, str]:
         """All choices of one request enter the engine together, or none does."""
         engine = self.engine
         wanted = len(prompt_ids) * req.n
+        if wanted > engine.max_waiting:  # waiting would not help: it can never fit
+            self.limits_hit["max_waiting"] += 1
+            raise protocol.invalid("n", f"this request needs {wanted} places in the queue, more than the "
+                                        f"{engine.max_waiting} it has (--max-waiting)", code="request_too_large")
         busy = APIError(429, f"the server is busy: its queue holds {engine.max_waiting} waiting requests; "
                              f"retry later", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         if len(engine.waiting) + wanted > engine.max_waiting:
@@ -170,8 +282,9 @@ class OpenAIServer:
         try:
             for p, ids in enumerate(prompt_ids):
                 for i in range(req.n):
-                    params = req.choice_params(i, len(ids), engine.max_model_len)
-                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i)
+                    params = req.choice_params(i, len(ids), engine.max_model_len, cap)
+                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i,
+                                                        embeddings=(embeddings or {}).get(p))
         except QueueFull:
             self.abort(rids)
             raise busy from None
@@ -187,37 +300,103 @@ class OpenAIServer:
     def is_stop_token(self, token: int, params) -> bool:
         return token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.stop_token_ids)
 
+    def drain(self) -> None:
+        """Shutdown, once the grace period is over: refuse new requests, end those still running
+        (streams get an error event and [DONE], whole answers a 503)."""
+        self.draining = True
+        self.loop.fail_all(EngineFailed("the server is shutting down", status=503, code="server_shutting_down"))
+
+    # ------------------------------------------------------------------------------ tokenizer routes
+    def tokenizer_info(self) -> dict:
+        """What a client needs to tokenize as the server does (vLLM's /tokenizer_info)."""
+        tok = self.tokenizer
+        return {"tokenizer_class": "megrez", "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_model_len, "vocab_size": self.vocab_size,
+                "stop_token_ids": sorted(tok.stop_token_ids)}
+
+    async def tokenize(self, request: Request) -> dict:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        model, prompt, flag = protocol.parse_tokenize(body, self.config.limits)
+        self.model_name(model)
+
+        def run():
+            if isinstance(prompt, list):  # messages
+                return self.tokenizer.encode(self.render(prompt, flag), add_special_tokens=False)
+            return self.encode_text(prompt, "prompt", add_special_tokens=flag, check=False)
+
+        ids = await self.in_worker(run)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
+
+    async def detokenize(self, request: Request) -> dict:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        model, ids = protocol.parse_detokenize(body, self.config.limits, self.vocab_size)
+        self.model_name(model)
+        return {"prompt": await self.in_worker(lambda: self.tokenizer.decode(ids, skip_special_tokens=False))}
+
 
 class Run:
     """One HTTP generation request: its engine requests (one per choice) and their answer."""
 
     def __init__(self, server: OpenAIServer, req: GenerationRequest, model: str, rid: str, rids: dict[int, str],
-                 sink: asyncio.Queue, prompt_tokens: int):
+                 sink: asyncio.Queue, prompt_ids: list[list[int]]):
         self.server, self.req, self.model, self.id, self.rids, self.sink = server, req, model, rid, rids, sink
         self.created = int(time.time())
-        self.prompt_tokens = prompt_tokens
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = sum(map(len, prompt_ids))
         self.completion_tokens: dict[int, int] = {}
+        self.cached_tokens: dict[int, int] = {}
         self.offsets = {i: protocol.TextOffsets() for i in rids}  # legacy logprobs text_offset per choice
+        self.echoed: set[int] = set()
+
+    def prompt_of(self, index: int) -> int:
+        return index // self.req.n
+
+    def text(self, index: int, out) -> str:
+        """The output's new text; with echo, a choice's first text starts with its prompt."""
+        if not self.req.echo or index in self.echoed:
+            return out.new_text
+        self.echoed.add(index)
+        p = self.prompt_of(index)
+        return self.server.echo_text(self.req.prompts[p], self.prompt_ids[p]) + out.new_text
 
     def logprobs(self, index: int, out) -> dict | None:
         if self.req.logprobs is None:
             return None
         samples = out.new_logprobs
-        # The stop token ends the answer but is not part of it, as its text is not.
-        if samples and out.finish_reason == "stop" and self.server.is_stop_token(samples[-1].token, self.req.params):
+        # The stop token ends the answer but is not part of it, as its text is not. Scoring
+        # (echo) lists every token: lm-evaluation-harness expects one entry per generated token.
+        if samples and out.finish_reason == "stop" and not self.req.echo \
+                and self.server.is_stop_token(samples[-1].token, self.req.params):
             samples = samples[:-1]
+        if out.prompt_logprobs is not None:
+            first = self.prompt_ids[self.prompt_of(index)][0]
+            samples = [SampleResult(first)] + out.prompt_logprobs[1:] + samples
         if self.req.kind == "chat":
             return protocol.chat_logprobs(samples, self.server.token_text)
         return protocol.completion_logprobs(samples, self.server.token_text, self.offsets[index])
 
     def usage(self) -> dict:
-        return protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+        u = protocol.usage(self.prompt_tokens, sum(self.completion_tokens.values()))
+        # Cached tokens of each prompt, as its best-served choice saw them.
+        per_prompt: dict[int, int] = {}
+        for index, n in self.cached_tokens.items():
+            per_prompt[self.prompt_of(index)] = max(per_prompt.get(self.prompt_of(index), 0), n)
+        u["prompt_tokens_details"] = {"cached_tokens": sum(per_prompt.values())}
+        return u
 
     async def _next(self):
         index, out = await self.sink.get()
         if isinstance(out, EngineFailed):
-            raise APIError(500, str(out), type="internal_server_error", code="engine_error")
+            kind = "service_unavailable" if out.status == 503 else "internal_server_error"
+            raise APIError(out.status, str(out), type=kind, code=out.code)
+        if out.finish_reason == "error":
+            raise APIError(500, f"generation failed for this request: {out.error}", type="internal_server_error",
+                           code="request_failed")
         self.completion_tokens[index] = out.completion_tokens
+        self.cached_tokens[index] = out.cached_tokens
         return index, out
 
     # ------------------------------------------------------------------------------ whole answers
@@ -229,7 +408,7 @@ class Run:
         async def consume():
             while len(finish) < len(self.rids):
                 index, out = await self._next()
-                texts[index].append(out.new_text)
+                texts[index].append(self.text(index, out))
                 lp = self.logprobs(index, out)
                 if lp is not None:
                     logprobs[index].append(lp)
@@ -276,17 +455,18 @@ class Run:
                     yield protocol.sse(e.body())
                     failed = True
                     break
+                text = self.text(index, out)
                 lp = self.logprobs(index, out)
                 reason = protocol.public_finish_reason(out.finish_reason)
                 if out.finished:
                     pending.discard(index)
-                elif not out.new_text and not (lp and (lp.get("content") or lp.get("tokens"))):
+                elif not text and not (lp and (lp.get("content") or lp.get("tokens"))):
                     continue  # text held back (a partial character or a possible stop string)
                 if chat:
-                    delta = {"content": out.new_text} if out.new_text else {}
+                    delta = {"content": text} if text else {}
                     yield self.chunk([protocol.chat_delta(index, delta, reason, lp)])
                 else:
-                    yield self.chunk([protocol.completion_choice(index, out.new_text, reason, lp)])
+                    yield self.chunk([protocol.completion_choice(index, text, reason, lp)])
             if self.req.include_usage and not failed:
                 yield protocol.sse(protocol.envelope(self.req.kind, self.id, self.created, self.model, [],
                                                      chunk=True, usage=self.usage()))
@@ -323,9 +503,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             yield
         finally:
             server.loop.stop()
+            server.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="megrez", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    spec = openapi.document(config.served_model_names, config.limits, engine.model.args.vocab_size,
+                            engine.max_model_len, auth=config.api_key is not None)
 
     def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         server.errors[status] += 1
@@ -334,6 +517,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError):
         return error_response(e.status, e.body(), e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, e: ClientGone):
+        # Hung up mid-upload (or sent a body the HTTP layer already answered 400): not our error.
+        server.errors[499] += 1
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException):
@@ -351,17 +540,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return error_response(500, protocol.error_body(f"internal server error ({type(e).__name__})",
                                                        "internal_server_error"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        if not server.loop.healthy:
-            state = "failing" if server.loop.alive else "not running"
+        if server.draining or not server.loop.healthy:
+            state = "shutting down" if server.draining else "failing" if server.loop.alive else "not running"
             return error_response(503, protocol.error_body(f"the engine is {state}", "service_unavailable"))
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def get_metrics():
-        text = metrics.render(server.loop, server.errors, config.served_model_names[0])
+        text = metrics.render(server.loop, server.errors, config.served_model_names[0], server.limits_hit)
         return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    async def get_openapi():
+        return spec
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": server.created, "owned_by": "megrez",
@@ -384,5 +577,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await server.handle(request, "completion")
+
+    # Also at the root, where vLLM and llama.cpp serve them (lm-evaluation-harness looks there).
+    @app.post("/v1/tokenize")
+    @app.post("/tokenize", include_in_schema=False)
+    async def tokenize(request: Request):
+        return await server.tokenize(request)
+
+    @app.post("/v1/detokenize")
+    @app.post("/detokenize", include_in_schema=False)
+    async def detokenize(request: Request):
+        return await server.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        server.check_auth(request)
+        return server.tokenizer_info()
 
     return app

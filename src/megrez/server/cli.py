@@ -13,6 +13,8 @@ import os
 import socket
 import sys
 
+from .protocol import Limits
+
 API_KEY_ENV = "MEGREZ_API_KEY"
 
 
@@ -42,15 +44,38 @@ def register(sub) -> None:
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
+    g.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="Megrez-3B-Omni: let image/audio content parts name local files under DIR (repeatable; "
+                        "default: only data: URLs and base64 audio; remote URLs are never fetched)")
+    g.add_argument("--max-header-bytes", type=parse_size, default=64 << 10,
+                   help="largest request head (request line and headers) accepted (default 64KiB; larger gets 431)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request headers (default 10; then 408)")
+    g.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send its request body (default 60; then 408)")
+    g.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM/Ctrl-C, seconds open requests get to finish before they are ended (default 5)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
+    g = p.add_argument_group("per-request limits")
+    g.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
+                   help=f"tokens one request may generate over all its choices (default {Limits.max_request_tokens}"
+                        f"); an unset max_tokens is lowered to fit, a larger explicit one gets 400")
+    g.add_argument("--max-logprobs", type=int, default=Limits.max_logprobs,
+                   help=f"most logprobs / top_logprobs a request may ask for (default {Limits.max_logprobs})")
+    g.add_argument("--max-response-bytes", type=parse_size, default=Limits.max_response_bytes,
+                   help="worst-case size of a whole (non-streamed) answer (default 16MiB); as for "
+                        "--max-request-tokens")
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    g.add_argument("--max-num-seqs", type=int, default=16, help="most sequences decoded together (default 16)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 2GiB (default: half the free GPU memory, 4GiB on CPU)")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="bound of the waiting queue; requests beyond it get 429 (default 1024)")
     g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward pass")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt from scratch instead of reusing cached prefix blocks")
     p.set_defaults(func=cmd_serve)
 
 
@@ -78,26 +103,45 @@ def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
     from ..cli import announce_template, make_llm
 
-    for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "block_size"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
-                   prefill_chunk=a.prefill_chunk)
+                   prefill_chunk=a.prefill_chunk, block_size=a.block_size, enable_prefix_caching=a.prefix_caching)
     announce_template(llm)
     return llm.path, llm.engine
 
 
+def server_config(a, names: list[str], api_key: str | None):
+    from dataclasses import replace
+
+    from .app import ServerConfig
+
+    for name in ("max_request_tokens", "max_logprobs"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout", "shutdown_timeout"):
+        if not getattr(a, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    limits = replace(Limits(), max_request_tokens=a.max_request_tokens, max_logprobs=a.max_logprobs,
+                     max_response_bytes=a.max_response_bytes)
+    return ServerConfig(served_model_names=names, api_key=api_key, max_request_bytes=a.max_request_bytes,
+                        body_timeout=a.body_timeout, limits=limits,
+                        allowed_media_dirs=tuple(a.allowed_local_media_path))
+
+
 def cmd_serve(a) -> int:
     try:
-        import uvicorn
-
-        from .app import ServerConfig, create_app
+        from .app import create_app
+        from .http import make_server
     except ModuleNotFoundError as e:
         raise ValueError(f"megrez serve needs FastAPI and uvicorn ({e}); install them with "
                          f"scripts/setup.sh serve, or pip install -e '.[serve]' in the megrez checkout") from None
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    names = a.served_model_name or [a.model if a.model is not None else "megrez"]
+    config = server_config(a, names, api_key)  # bad flags fail before the model loads
     sock = bind(a.host, a.port)
     try:
         path, engine = build_engine(a)
@@ -105,14 +149,16 @@ def cmd_serve(a) -> int:
         sock.close()
         raise
     a.port = sock.getsockname()[1]  # the port the system chose for --port 0
-    names = a.served_model_name or [a.model if a.model is not None else path.name]
-    app = create_app(engine, ServerConfig(served_model_names=names, api_key=api_key,
-                                          max_request_bytes=a.max_request_bytes))
+    if a.served_model_name is None and a.model is None:
+        config.served_model_names = names = [path.name]
+    app = create_app(engine, config)
     print(f"megrez: serving {path} as {', '.join(names)} on http://{a.host}:{a.port}/v1 "
-          f"({engine.max_num_seqs} sequences x {engine.max_model_len} tokens, "
-          f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache; API key {'required' if api_key else 'not required'})",
+          f"(up to {engine.max_num_seqs} sequences of up to {engine.max_model_len} tokens; "
+          f"{engine.cache.nbytes / 2**20:.0f} MiB KV cache: {engine.blocks.usable * engine.block_size} tokens in "
+          f"blocks of {engine.block_size}, prefix caching {'on' if engine.blocks.enable_prefix_caching else 'off'}; "
+          f"API key {'required' if api_key else 'not required'})",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
-                            server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    make_server(app, a.host, a.port, log_level=a.log_level, header_timeout=a.header_timeout,
+                max_header_bytes=a.max_header_bytes, shutdown_timeout=a.shutdown_timeout,
+                on_drain=app.state.server.drain).run(sockets=[sock])
     return 0

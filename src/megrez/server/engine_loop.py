@@ -24,7 +24,12 @@ FAILURES_UNHEALTHY = 3  # consecutive failed steps after which /health reports 5
 
 
 class EngineFailed(RuntimeError):
-    """The engine raised while stepping; the requests in that step were cancelled."""
+    """The engine raised while stepping (the requests in that step were cancelled), or the
+    server is shutting down; ``status`` and ``code`` are what the client is told."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "engine_error"):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass
@@ -59,7 +64,7 @@ class EngineLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._fail(list(self._entries), EngineFailed("the server is shutting down"))
+        self._fail(list(self._entries), EngineFailed("the server is shutting down", 503, "server_shutting_down"))
 
     @property
     def alive(self) -> bool:
@@ -71,7 +76,8 @@ class EngineLoop:
         return self.alive and self.failures < FAILURES_UNHEALTHY
 
     # ------------------------------------------------------------------------- requests (event loop thread)
-    def add(self, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag=None) -> str:
+    def add(self, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag=None,
+            embeddings: list | None = None) -> str:
         """Queue one generation; its outputs arrive in ``sink`` as ``(tag, RequestOutput)``,
         or ``(tag, EngineFailed)``. Raises what ``Engine.add_request`` raises."""
         rid = uuid.uuid4().hex
@@ -79,7 +85,7 @@ class EngineLoop:
         # add_request even returns.
         self._entries[rid] = _Entry(sink, tag, time.monotonic())
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self.engine.add_request(prompt_ids, params, request_id=rid, embeddings=embeddings)
         except BaseException:
             del self._entries[rid]
             raise
@@ -96,6 +102,14 @@ class EngineLoop:
     @property
     def active(self) -> int:
         return len(self._entries)
+
+    def fail_all(self, error: EngineFailed) -> None:
+        """End every request in flight with ``error`` (event loop thread; used at shutdown)."""
+        rids = list(self._entries)
+        self._fail(rids, error)
+        for rid in rids:
+            self.engine.abort(rid)
+        self._wake.set()
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         for out in outputs:

@@ -62,26 +62,48 @@ def _number(v) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def render(engine_loop, api_errors: Counter, model_name: str) -> str:
+LIMITS = ("max_request_tokens", "max_response_bytes", "max_waiting")
+
+
+def render(engine_loop, api_errors: Counter, model_name: str, limits_hit: Counter | None = None) -> str:
     engine = engine_loop.engine
     stats = engine.stats
     e = Exposition()
-    e.metric("megrez_requests_running", "gauge", "Requests holding a KV cache slot.", len(engine.running))
-    e.metric("megrez_requests_waiting", "gauge", "Requests queued for a KV cache slot.", len(engine.waiting))
+    blocks = engine.blocks
+    e.metric("megrez_requests_running", "gauge", "Requests being decoded.", len(engine.running))
+    e.metric("megrez_requests_waiting", "gauge", "Requests queued for admission.", len(engine.waiting))
     e.metric("megrez_requests_max_waiting", "gauge", "Bound of the waiting queue.", engine.max_waiting)
-    e.metric("megrez_kv_cache_usage_ratio", "gauge", "Fraction of KV cache slots in use.", float(engine.cache_usage))
-    e.metric("megrez_kv_cache_slots", "gauge", "KV cache slots (the most sequences decoded at once).",
-             engine.max_num_seqs)
-    e.metric("megrez_kv_cache_free_slots", "gauge", "KV cache slots free.", len(engine.free_slots))
+    e.metric("megrez_max_num_seqs", "gauge", "Most sequences decoded at once.", engine.max_num_seqs)
+    e.metric("megrez_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks held by requests.",
+             float(engine.cache_usage))
+    e.metric("megrez_kv_cache_block_size", "gauge", "Tokens per KV cache block.", engine.block_size)
+    e.metric("megrez_kv_cache_blocks", "gauge", "KV cache blocks: held by requests (used), unused but holding a "
+             "cached prefix (cached), empty (free).",
+             [({"state": "used"}, blocks.num_used), ({"state": "cached"}, blocks.num_cached),
+              ({"state": "free"}, blocks.num_free - blocks.num_cached)])
     e.metric("megrez_max_model_len", "gauge", "Tokens one sequence may hold (prompt and output).",
              engine.max_model_len)
-    e.metric("megrez_prompt_tokens_total", "counter", "Prompt tokens prefilled.", stats["prompt_tokens"])
+    queried, hit = blocks.stats["query_tokens"], blocks.stats["hit_tokens"]
+    e.metric("megrez_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", queried)
+    e.metric("megrez_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", hit)
+    e.metric("megrez_prefix_cache_hit_ratio", "gauge", "Prompt tokens found in the prefix cache, of those looked "
+             "up (since start).", hit / queried if queried else 0.0)
+    e.metric("megrez_prefix_cache_evicted_blocks_total", "counter", "Cached blocks reused for other content.",
+             blocks.stats["evicted_blocks"])
+    e.metric("megrez_preemptions_total", "counter", "Requests preempted for lack of KV cache blocks.",
+             stats["preemptions"])
+    e.metric("megrez_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", stats["prompt_tokens"])
+    e.metric("megrez_prefill_tokens_total", "counter", "Prompt tokens computed (not found in the prefix cache).",
+             stats["prefill_tokens"])
     e.metric("megrez_generation_tokens_total", "counter", "Tokens generated.", stats["generation_tokens"])
     e.metric("megrez_engine_steps_total", "counter", "Engine steps run.", stats["steps"])
     e.metric("megrez_requests_finished_total", "counter", "Engine requests finished, by finish reason.",
              [({"finish_reason": r}, n) for r, n in sorted(engine_loop.finished.items())])
-    e.metric("megrez_api_errors_total", "counter", "Error responses, by HTTP status.",
-             [({"status": s}, n) for s, n in sorted(api_errors.items())])
+    e.metric("megrez_api_errors_total", "counter", "Error responses, by HTTP status (499: the client hung up "
+             "before the answer).", [({"status": s}, n) for s, n in sorted(api_errors.items())])
+    hit = limits_hit or Counter()
+    e.metric("megrez_request_limits_hit_total", "counter", "Requests refused, or their max_tokens lowered, by a "
+             "per-request limit.", [({"limit": name}, hit[name]) for name in LIMITS])
     e.histogram("megrez_time_to_first_token_seconds", "Time from submission to the first token.", engine_loop.ttft)
     e.histogram("megrez_request_latency_seconds", "Time from submission to the last token.", engine_loop.latency)
     e.metric("megrez_model_info", "gauge", "The served model.", [({"model": model_name}, 1)])

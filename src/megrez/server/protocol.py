@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..engine.sampling import MAX_LOGPROBS, SampleResult, SamplingParams
+from ..engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SampleResult, SamplingParams
 from ..tokenizer import text_content
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -31,6 +31,11 @@ class Limits:
     max_stop: int = 16
     max_stop_chars: int = 1024
     max_stop_token_ids: int = 1024
+    max_logit_bias: int = 300     # entries, as in the OpenAI API
+    max_logprobs: int = MAX_LOGPROBS
+    max_request_tokens: int = 65536     # tokens one request may generate, over all its choices
+    max_response_bytes: int = 16 << 20  # worst-case size of a whole (non-streamed) answer
+    max_tokenize_tokens: int = 1 << 20  # tokens /v1/detokenize takes
 
 
 class APIError(Exception):
@@ -140,6 +145,18 @@ def get_number(body: dict, name: str, default=None, lo: float | None = None, hi:
     return float(v)
 
 
+def _integral(v) -> bool:
+    """An integer as JSON Schema counts them: 3 or 3.0, not true."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def int_list(v) -> list[int] | None:
+    """A JSON array of integers as Python ints (None if it is not one)."""
+    if not isinstance(v, list) or not all(_integral(t) for t in v):
+        return None
+    return [int(t) for t in v]
+
+
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
@@ -160,14 +177,17 @@ def _reject_unsupported(body: dict) -> None:
     checks = {
         "tools": lambda v: v == [], "functions": lambda v: v == [],
         "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
-        "logit_bias": lambda v: v == {}, "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
-        "echo": lambda v: v is False, "suffix": lambda v: v == "",
+        "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
         "audio": lambda v: False, "prediction": lambda v: False,
     }
     for name, ok in checks.items():
         v = body.get(name)
         if v is not None and not ok(v):
             raise invalid(name, "is not supported by this server", code="unsupported_parameter")
+    suffix = body.get("suffix")
+    if suffix is not None and suffix != "":
+        raise invalid("suffix", "is not supported: Megrez models have no fill-in-the-middle format; put the text "
+                                "after the gap in the prompt instead", code="unsupported_parameter")
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise invalid("modalities", "only [\"text\"] is supported", code="unsupported_parameter")
@@ -186,16 +206,55 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None                # None: none; k: sampled token plus top k
+    echo: bool = False                         # completions: the prompt is part of the answer
+    max_tokens_given: bool = False             # by the client (else a default, which limits may lower)
     extra: dict = field(default_factory=dict)
 
-    def choice_params(self, i: int, prompt_len: int, max_model_len: int) -> SamplingParams:
+    def choice_params(self, i: int, prompt_len: int, max_model_len: int, cap: int | None = None) -> SamplingParams:
         """Choice i samples with ``seed + i`` (as vLLM does), so n choices differ yet every
-        one is reproducible; max_tokens is capped by what the context leaves."""
+        one is reproducible; max_tokens is capped by what the context leaves, and by ``cap``
+        (from the per-request limits) when the client left it unset."""
         p = self.params
         seed = p.seed if p.seed is None else _wrap_seed(p.seed + i)
         room = max_model_len - prompt_len
-        max_tokens = p.max_tokens if p.max_tokens is None else max(1, min(p.max_tokens, room))
+        if p.max_tokens is None and cap is None:
+            max_tokens = None  # until a stop or a full context
+        else:
+            max_tokens = min(room if p.max_tokens is None else p.max_tokens, room, cap if cap is not None else room)
         return replace(p, seed=seed, max_tokens=max_tokens)
+
+    def token_budget(self, prompt_lens: list[int], max_model_len: int, limits: "Limits",
+                     per_token_bytes: int) -> tuple[int | None, str | None]:
+        """Applies the per-request limits to the tokens the choices may generate. Returns a cap
+        on each choice's max_tokens (None: no cap) and the limit that set it (for metrics).
+        An explicit max_tokens over a limit is refused; an unset one is lowered to fit."""
+        choices = len(prompt_lens) * self.n
+        rooms = [max_model_len - n for n in prompt_lens for _ in range(self.n)]
+        asked = [r if self.params.max_tokens is None else min(self.params.max_tokens, r) for r in rooms]
+        caps = {}
+        if sum(asked) > limits.max_request_tokens:
+            caps["max_request_tokens"] = limits.max_request_tokens // choices
+        if not self.stream:
+            # Worst case of a whole answer: every token as long as the longest in the vocabulary.
+            echoed = sum(prompt_lens) * self.n if self.echo else 0
+            room = limits.max_response_bytes - echoed * per_token_bytes - 1024 * choices
+            if sum(asked) * per_token_bytes > room:
+                caps["max_response_bytes"] = max(room, 0) // per_token_bytes // choices
+        if not caps:
+            return None, None
+        limit = min(caps, key=caps.get)
+        cap = caps[limit]
+        what = {"max_request_tokens": f"{limits.max_request_tokens} generated tokens per request "
+                                      f"(--max-request-tokens)",
+                "max_response_bytes": f"a worst-case answer of {limits.max_response_bytes} bytes "
+                                      f"(--max-response-bytes; streams are not limited)"}[limit]
+        if self.max_tokens_given or cap < 1:
+            param = "max_tokens" if self.max_tokens_given and cap >= 1 else "n"
+            error = invalid(param, f"{choices} choice(s) of up to {max(asked)} tokens exceed this server's limit of "
+                                   f"{what}; ask for fewer tokens or choices", code="request_too_large")
+            error.limit = limit
+            raise error
+        return cap, limit
 
 
 def _wrap_seed(seed: int) -> int:
@@ -231,24 +290,44 @@ def _stop_token_ids(body: dict, limits: Limits, vocab_size: int) -> list[int]:
     ids = body.get("stop_token_ids")
     if ids is None:
         return []
-    if not isinstance(ids, list) or len(ids) > limits.max_stop_token_ids or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+    ids = int_list(ids)
+    if ids is None or len(ids) > limits.max_stop_token_ids or not all(0 <= t < vocab_size for t in ids):
         raise invalid("stop_token_ids", f"expected at most {limits.max_stop_token_ids} integers in [0, {vocab_size})")
     return ids
 
 
+def _logit_bias(body: dict, limits: Limits, vocab_size: int) -> dict[int, float] | None:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise invalid("logit_bias", f"expected an object of token id -> bias, got {_json_type(bias)}")
+    if len(bias) > limits.max_logit_bias:
+        raise invalid("logit_bias", f"at most {limits.max_logit_bias} entries are allowed (got {len(bias)})")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise invalid("logit_bias", f"keys are token ids in [0, {vocab_size}) written as strings (got {key!r})")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or abs(value) > MAX_LOGIT_BIAS:
+            raise invalid("logit_bias", f"values are numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] "
+                                        f"(got {value!r} for {key!r})")
+        out[int(key)] = float(value)
+    return out or None
+
+
 def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tuple[str, ...],
-              default_max_tokens: int | None) -> tuple[SamplingParams, int, bool, bool]:
-    max_tokens = default_max_tokens
+              default_max_tokens: int | None, min_tokens: int = 1) -> tuple[SamplingParams, int, bool, bool, bool]:
+    max_tokens, given = default_max_tokens, False
     for name in max_tokens_names:  # the first one given wins (max_completion_tokens over max_tokens)
-        v = get_int(body, name, lo=1)
-        if v is not None:
-            max_tokens = v
-            break
+        v = get_int(body, name, lo=min_tokens)  # the others are still checked
+        if v is not None and not given:
+            max_tokens, given = v, True
     n = get_int(body, "n", 1, lo=1, hi=limits.max_n)
     best_of = get_int(body, "best_of", None, lo=1)
     if best_of is not None and best_of != n:
-        raise invalid("best_of", "is not supported unless equal to n", code="unsupported_parameter")
+        raise invalid("best_of", "is only supported equal to n: this server does not rank hidden samples; ask "
+                                 "for n choices with logprobs and pick among them", code="unsupported_parameter")
     stream = get_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -270,26 +349,28 @@ def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tup
         stop=_stop(body, limits),
         stop_token_ids=_stop_token_ids(body, limits, vocab_size),
         ignore_eos=get_bool(body, "ignore_eos"),
+        logit_bias=_logit_bias(body, limits, vocab_size),
     )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user", f"expected a string, got {_json_type(user)}")
     _reject_unsupported(body)
-    return params, n, stream, include_usage
+    return params, n, stream, include_usage, given
 
 
 def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
     model = _model(body)
     messages = parse_messages(body.get("messages"), limits)
-    params, n, stream, include_usage = _sampling(body, limits, vocab_size,
-                                                 ("max_completion_tokens", "max_tokens"), None)
+    params, n, stream, include_usage, given = _sampling(body, limits, vocab_size,
+                                                        ("max_completion_tokens", "max_tokens"), None)
     logprobs = None
     if get_bool(body, "logprobs"):
-        logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
-    elif get_int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS) > 0:
+        logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=limits.max_logprobs)
+    elif get_int(body, "top_logprobs", 0, lo=0, hi=limits.max_logprobs) > 0:
         raise invalid("top_logprobs", "requires logprobs to be true")
     params.logprobs = logprobs
-    return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs)
+    return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs,
+                             max_tokens_given=given)
 
 
 def parse_messages(messages, limits: Limits) -> list[dict]:
@@ -314,7 +395,7 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         if content is None and role not in ("assistant",):
             raise invalid(f"{where}.content", "required for this role")
         try:
-            text = text_content(content, f"{where}.content")
+            text = _media_parts(content, f"{where}.content") or text_content(content, f"{where}.content")
         except ValueError as e:  # the message already names the part
             raise APIError(400, str(e), param=f"{where}.content") from None
         name = m.get("name")
@@ -328,31 +409,88 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
     return out
 
 
+MEDIA_PART_TYPES = ("image_url", "input_audio")
+
+
+def _media_parts(content, where: str) -> list | None:
+    """Content with image_url / input_audio parts stays a list of parts (read and checked by
+    ``megrez.multimodal.prompt`` when the prompt is built); None for text-only content."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES
+                                                 for p in content):
+        return None
+    for n, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}[{n}]: expected an object, got {_json_type(part)}")
+        kind = part.get("type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{n}].text: expected a string")
+        if kind not in ("text",) + MEDIA_PART_TYPES:
+            raise ValueError(f"{where}[{n}]: unsupported content part type {kind!r} "
+                             f"(expected text, image_url or input_audio)")
+    return content
+
+
 def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
     model = _model(body)
     prompts = parse_prompt(body.get("prompt"), limits)
-    # The OpenAI completions API answers 16 tokens unless asked for more.
-    params, n, stream, include_usage = _sampling(body, limits, vocab_size, ("max_tokens",), 16)
+    # The OpenAI completions API answers 16 tokens unless asked for more; 0 with echo scores a prompt.
+    params, n, stream, include_usage, given = _sampling(body, limits, vocab_size, ("max_tokens",), 16,
+                                                        min_tokens=0)
     if len(prompts) * n > limits.max_choices:
         raise invalid("n", f"prompts x n may be at most {limits.max_choices} (got {len(prompts)} x {n})")
-    logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    logprobs = get_int(body, "logprobs", None, lo=0, hi=limits.max_logprobs)
+    echo = get_bool(body, "echo")
     params.logprobs = logprobs
-    return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs)
+    if echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
+    return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs, echo,
+                             max_tokens_given=given)
+
+
+def parse_tokenize(body: dict, limits: Limits) -> tuple[str | None, object, bool]:
+    """/v1/tokenize: ``prompt`` (text, or llama.cpp's ``content``) with ``add_special_tokens``
+    (default true), or chat ``messages`` with ``add_generation_prompt`` (default true).
+    Returns (model, prompt or messages, flag); messages come back as a list."""
+    model = _model(body)
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise invalid("messages", "give either prompt or messages, not both")
+        return model, parse_messages(body["messages"], limits), get_bool(body, "add_generation_prompt", True)
+    key = "prompt" if body.get("prompt") is not None else "content"
+    prompt = body.get(key)
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "required: a string (or messages)" if prompt is None
+                      else f"expected a string, got {_json_type(prompt)}")
+    add_special = get_bool(body, "add_special_tokens", get_bool(body, "add_special", True))
+    return model, prompt, add_special
+
+
+def parse_detokenize(body: dict, limits: Limits, vocab_size: int) -> tuple[str | None, list[int]]:
+    model = _model(body)
+    tokens = int_list(body.get("tokens"))
+    if tokens is None:
+        raise invalid("tokens", "required: an array of token ids")
+    if len(tokens) > limits.max_tokenize_tokens:
+        raise invalid("tokens", f"at most {limits.max_tokenize_tokens} tokens are allowed (got {len(tokens)})")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid("tokens", f"token ids must be in [0, {vocab_size}) (got {bad[0]})")
+    return model, tokens
 
 
 def parse_prompt(prompt, limits: Limits) -> list:
     """A string, an array of strings, an array of token ids, or an array of those arrays."""
     def token_list(x) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        return bool(x) and int_list(x) is not None
 
     if isinstance(prompt, str):
         return [prompt]
     if token_list(prompt):
-        return [prompt]
+        return [int_list(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_list(p) for p in prompt):
         if len(prompt) > limits.max_prompts:
             raise invalid("prompt", f"at most {limits.max_prompts} prompts per request (got {len(prompt)})")
-        return prompt
+        return [p if isinstance(p, str) else int_list(p) for p in prompt]
     if prompt is None:
         raise invalid("prompt", "required: a string, an array of strings, or an array of token ids")
     raise invalid("prompt", "expected a string, an array of strings, an array of token ids, "
@@ -373,6 +511,22 @@ class TokenText:
         self.byte_level = decoder.get("type") == "ByteLevel"
         self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._longest: tuple[int, int] | None = None
+
+    def entry_bytes(self, logprobs: int | None) -> int:
+        """The most bytes one token can add to a JSON answer: its text, and with logprobs its
+        entry and ``logprobs`` alternatives, each as long as the longest token's."""
+        if self._longest is None:
+            text = raw = size = 0
+            for i in range(self.tokenizer.vocab_size):
+                t, b = self._lookup(i)
+                text = max(text, len(json.dumps(t, ensure_ascii=False).encode()))
+                raw = max(raw, len(json.dumps(b)))
+                size = max(size, len(b))
+            self._longest = (text, raw)
+            self.longest_token_bytes = max(size, 1)
+        text, raw = self._longest
+        return text + (0 if logprobs is None else (logprobs + 1) * (text + raw + 64))
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         hit = self._cache.get(token_id)
@@ -450,12 +604,15 @@ def completion_logprobs(samples: list[SampleResult], token_text: TokenText, offs
         text, raw = token_text(s.token)
         tokens.append(text)
         lps.append(s.logprob)
+        starts.append(offsets.advance(raw))
+        if s.logprob is None:  # an echoed prompt's first token: nothing predicts it
+            tops.append(None)
+            continue
         top = {}
         for tid, lp in s.top_logprobs or []:
             top.setdefault(token_text(tid)[0], lp)
         top[text] = s.logprob  # as vLLM, the sampled token is always listed, with its own value
         tops.append(top)
-        starts.append(offsets.advance(raw))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": starts}
 
 

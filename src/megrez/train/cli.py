@@ -41,11 +41,11 @@ HELP = {
 }
 
 
-def _add_field(group, f) -> None:
+def _add_field(group, f, help_text: str | None = None) -> None:
     flag = "--" + f.name.replace("_", "-")
     kind = str(f.type)  # field types are strings (postponed annotations)
     value = f.default_factory() if f.default is MISSING else f.default
-    text = HELP.get(f.name, "")
+    text = HELP.get(f.name, "") if help_text is None else help_text
     if "default" not in text:
         text = f"{text} (default: {value})".strip()
     text = text.replace("%", "%%")
@@ -54,12 +54,12 @@ def _add_field(group, f) -> None:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     elif kind.startswith("list"):
         group.add_argument(flag, nargs="+", default=default, help=text)
-    elif kind == "dict":
+    elif kind.startswith("dict"):
         group.add_argument(flag, type=json.loads, default=default, help=text)
     elif kind.startswith("tuple"):
         group.add_argument(flag, nargs=2, type=float, default=default, help=text)
     else:
-        conv = int if "int" in kind else float if "float" in kind else str
+        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         group.add_argument(flag, type=conv, default=default, help=text)
 
 
@@ -135,6 +135,12 @@ def register(subparsers) -> None:
         sp = sub.add_parser(stage, help=text)
         add_train_args(sp)
         sp.set_defaults(func=cmd_train)
+    from .rl_cli import register as register_rl
+
+    register_rl(sub)
+    from .image_adapter import register as register_image_adapter
+
+    register_image_adapter(sub)
     sp = sub.add_parser("presets", help="list the named model sizes")
     sp.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size to count parameters with")
     sp.set_defaults(func=cmd_presets)

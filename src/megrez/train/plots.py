@@ -59,27 +59,33 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(run_dir / "loss.png")
     loads = [r for r in train if "expert_load" in r]
     if loads:
-        last = loads[-1]["expert_load"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-        im = a1.imshow(last, aspect="auto", cmap="viridis")
-        a1.set_xlabel("expert")
-        a1.set_yticks(range(len(last)))
-        a1.set_ylabel("MoE layer (counted from the first)")
-        a1.set_title(f"share of routed tokens per expert, step {loads[-1]['step']}")
-        fig.colorbar(im, ax=a1)
-        steps = [r["step"] for r in loads]
-        for layer in range(len(last)):
-            a2.plot(steps, [r["imbalance"][layer] for r in loads], lw=1, label=f"MoE layer {layer}")
-        a2.set_xlabel("step")
-        a2.set_ylabel("max load / mean load")
-        a2.set_title("load imbalance")
-        a2.grid(alpha=0.3)
-        a2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(run_dir / "expert_load.png", dpi=110)
-        plt.close(fig)
-        written.append(run_dir / "expert_load.png")
+        written.append(plot_expert_load(plt, loads, run_dir / "expert_load.png"))
     return written
+
+
+def plot_expert_load(plt, loads: list[dict], path: Path) -> Path:
+    """Records with ``step``, ``expert_load`` [layers][experts] and ``imbalance`` [layers]: a heat
+    map of the last window's share of routed tokens per expert, and max/mean load over steps."""
+    last = loads[-1]["expert_load"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    im = a1.imshow(last, aspect="auto", cmap="viridis")
+    a1.set_xlabel("expert")
+    a1.set_yticks(range(len(last)))
+    a1.set_ylabel("MoE layer (counted from the first)")
+    a1.set_title(f"share of routed tokens per expert, step {loads[-1]['step']}")
+    fig.colorbar(im, ax=a1)
+    steps = [r["step"] for r in loads]
+    for layer in range(len(last)):
+        a2.plot(steps, [r["imbalance"][layer] for r in loads], lw=1, label=f"MoE layer {layer}")
+    a2.set_xlabel("step")
+    a2.set_ylabel("max load / mean load")
+    a2.set_title("load imbalance")
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
