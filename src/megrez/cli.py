@@ -206,8 +206,35 @@ def report(llm, a, seconds: float) -> None:
               file=sys.stderr)
 
 
+def read_constraint(a) -> dict:
+    """--json-schema (inline JSON or a file) / --grammar (a Lark or GBNF file) as keyword
+    arguments for LLM.generate/stream."""
+    from pathlib import Path
+
+    if a.json_schema is not None and a.grammar is not None:
+        raise ValueError("give --json-schema or --grammar, not both")
+    def read(flag, path):
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag}: cannot read {path} ({e})") from None
+
+    if a.json_schema is not None:
+        text = a.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            text = read("--json-schema", text)
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema: not valid JSON ({e})") from None
+    if a.grammar is not None:
+        return {"grammar": read("--grammar", a.grammar)}
+    return {}
+
+
 def cmd_generate(a) -> int:
     params = sampling_from_args(a)
+    constraint = read_constraint(a)
     if a.prompt_ids is not None and a.prompt is not None:
         raise ValueError("give either PROMPT or --prompt-ids, not both")
     if a.prompt_ids is None and a.prompt is None:
@@ -228,13 +255,14 @@ def cmd_generate(a) -> int:
             {"role": "user", "content": a.prompt}]
         ids = llm.tokenizer.encode_chat(messages)
     if a.json:
-        out = llm.generate(ids, params)
+        out = llm.generate(ids, params, **constraint)
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
                           "prompt_tokens": out.prompt_tokens}, ensure_ascii=False))
         return 0
     start = time.perf_counter()
     last = None
-    for last in llm.stream_outputs(ids, params):
+    processors = llm.constraint_processors(**constraint) if constraint else None
+    for last in llm.stream_outputs(ids, params, processors=processors):
         if last.new_text:
             sys.stdout.write(last.new_text)
             sys.stdout.flush()
@@ -260,7 +288,13 @@ def cmd_chat(a) -> int:
     if media and not is_multimodal_model(llm.model):
         raise ValueError(f"--image/--audio need a Megrez-3B-Omni checkpoint; {llm.path} takes text only")
     announce_template(llm)
-    session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
+    if a.search:  # the search loop keeps its own history (calls and observations too)
+        from .search.cli import search_session
+
+        session = search_session(llm, a, params, system=a.system,
+                                 after_answer=lambda seconds: report(llm, a, seconds))
+    else:
+        session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
     session.pending_parts = media
     if a.load:
         session.load(a.load)
@@ -377,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--json", action="store_true", help="print one JSON object with token_ids, text and finish_reason")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the answer to this JSON schema (inline JSON or a file)")
+    p.add_argument("--grammar", default=None, metavar="FILE",
+                   help="constrain the answer to a Lark grammar (or GBNF: rules written 'name ::= ...')")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -396,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "/audio PATH in the chat")
     add_model_args(p)
     add_sampling_args(p)
+    from .search.cli import add_search_args
+
+    add_search_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading its weights")
@@ -422,7 +463,7 @@ def _extra_commands():
 
     found = []
     for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify",
-                "megrez.eval.cli", "megrez.quant.cli"):
+                "megrez.eval.cli", "megrez.quant.cli", "megrez.search.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

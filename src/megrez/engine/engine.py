@@ -26,7 +26,7 @@ import torch
 from ..models.cache import KVCache
 from ..tokenizer import Tokenizer
 from .blocks import BlockPool
-from .sampling import SampleResult, SamplingParams, make_generator, sample_row, token_logprobs
+from .sampling import LogitsProcessor, SampleResult, SamplingParams, make_generator, sample_row, token_logprobs
 
 log = logging.getLogger("megrez.engine")
 
@@ -81,6 +81,7 @@ class Request:
     cached_tokens: int = 0
     prompt_logprobs: list | None = None
     _prompt_logprobs_sent: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # (position, [n, hidden] vectors): rows of the prompt's token embeddings to overwrite
     # (image and audio features of multimodal prompts); shared, never modified.
     embeddings: list | None = None
@@ -159,12 +160,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt=None, embeddings: list | None = None) -> Request:
+                    request_id: str | None = None, cache_salt=None, embeddings: list | None = None,
+                    logits_processors: list[LogitsProcessor] | None = None) -> Request:
         """Queue a generation. ``cache_salt`` (hashable) keeps the prompt's cached blocks apart
         from those of equal token ids computed from other inputs. ``embeddings`` is a list of
         ``(position, vectors [n, hidden])``: prefill uses those vectors in place of the token
         embeddings of prompt positions ``position .. position + n - 1`` (image and audio
-        features); unless a salt is given, their digest salts the prompt's cache blocks."""
+        features); unless a salt is given, their digest salts the prompt's cache blocks.
+        ``logits_processors`` belong to this request alone (each call needs its own: they may
+        keep state); the engine closes them when the request ends."""
         params = (params or SamplingParams()).with_defaults(self.generation_config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -197,9 +201,10 @@ class Engine:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer() if self.tokenizer else _NoText(), cache_salt=cache_salt,
-                          embeddings=list(embeddings) if embeddings else None)
+            detok = self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else _NoText()
+            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device), detok,
+                          cache_salt=cache_salt, embeddings=list(embeddings) if embeddings else None,
+                          logits_processors=list(logits_processors or []))
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -448,6 +453,8 @@ class Engine:
                     req.first_token_time = now
                 req.output_ids.append(sample.token)
                 self.stats["generation_tokens"] += 1
+                for processor in req.logits_processors:
+                    processor.accept(sample.token)
                 outs.append(self._append_token(req, sample))
             except Exception as e:  # this request alone: the others in the batch go on
                 outs.append(self._fail(req, e))
@@ -511,6 +518,8 @@ class Engine:
             self.blocks.release(req.block_table)
             req.block_table = []
         self.requests.pop(req.request_id, None)
+        for processor in req.logits_processors:
+            processor.close()
         self.stats["requests_finished"] += 1
 
     # ------------------------------------------------------------------------------ offline

@@ -93,6 +93,13 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
     float32 results."""
     if len(items) > 64:  # the kernel's bound on products per call
         return _run(lib, swiglu, items[:64]) + _run(lib, swiglu, items[64:])
+    widths = {w1.shape[1] for _, w1, _ in items}
+    if len(widths) > 1:  # one call shares K: one call per K (e.g. routed and shared experts' down)
+        outs = {}
+        for width in widths:
+            idx = [i for i, (_, w1, _) in enumerate(items) if w1.shape[1] == width]
+            outs.update(zip(idx, _run(lib, swiglu, [items[i] for i in idx])))
+        return [outs[i] for i in range(len(items))]
     g = len(items)
     k = items[0][1].shape[1]
     outs = [torch.empty(x.shape[0], w1.shape[0], dtype=torch.float32) for x, w1, _ in items]

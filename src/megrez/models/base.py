@@ -295,9 +295,21 @@ class TransformerLM(nn.Module):
             names.pop("lm_head.weight", None)
         return names
 
+    def stored_parameters(self) -> int:
+        """Parameters held, quantized weights (megrez.quant.modules) counted by their logical shape."""
+        n = sum(p.numel() for p in self.parameters())
+        seen = set()
+        for module in self.modules():
+            for attr in getattr(module, "quant_tensors", ()):
+                qt = getattr(module, attr)
+                if id(qt.data) not in seen:
+                    seen.add(id(qt.data))
+                    n += qt.data.shape[:-1].numel() * qt.shape[-1]
+        return n
+
     def parameter_counts(self) -> dict[str, int]:
         """Stored parameters, and those one token actually uses."""
-        stored = sum(p.numel() for p in self.parameters())
+        stored = self.stored_parameters()
         return {"stored": stored, "active": stored}
 
     @torch.no_grad()

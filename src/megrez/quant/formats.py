@@ -68,7 +68,13 @@ class QuantTensor:
                              f"got {self.data.dtype} {list(self.data.shape)}")
 
     def __getitem__(self, i: int) -> "QuantTensor":
-        return QuantTensor(self.data[i], self.qtype, self.shape[1:])
+        if not isinstance(i, int) or isinstance(i, bool):
+            return QuantTensor(self.data[i], self.qtype, self.shape[1:])
+        # One matrix of a validated stack is valid: skip the checks (this runs for every routed
+        # expert of every decode step).
+        view = object.__new__(QuantTensor)
+        view.data, view.qtype, view.shape = self.data[i], self.qtype, self.shape[1:]
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -238,19 +244,23 @@ def _quantize_q8_0(blocks):
     return torch.cat([_half_bytes(d), qs], dim=1)
 
 
-def _quantize_q4_0(blocks):
+def _signed_scale(blocks, levels: int):
+    """Q4_0/Q5_0 scale: the weight of largest magnitude (sign kept, first one on ties) maps to
+    -``levels``. Returns (d [n, 1], 1/d or 0)."""
     imax = blocks.abs().argmax(dim=1, keepdim=True)
-    d = blocks.gather(1, imax) / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    d = blocks.gather(1, imax) / -levels
+    return d, torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _quantize_q4_0(blocks):
+    d, inv = _signed_scale(blocks, 8)
     q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
     qs = q[:, :16] | (q[:, 16:] << 4)
     return torch.cat([_half_bytes(d), qs], dim=1)
 
 
 def _quantize_q5_0(blocks):
-    imax = blocks.abs().argmax(dim=1, keepdim=True)
-    d = blocks.gather(1, imax) / -16
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    d, inv = _signed_scale(blocks, 16)
     q = torch.trunc(blocks * inv + 16.5).clamp(0, 31).to(torch.uint8)
     qs = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
     bits = (q >> 4).to(torch.int64) << torch.arange(32)

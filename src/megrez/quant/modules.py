@@ -128,3 +128,4 @@ def quantized_bytes(model: nn.Module) -> int:
     for p in list(model.parameters()) + list(model.buffers()):
         total += p.numel() * p.element_size()
     return total
+
