@@ -105,6 +105,8 @@ TEXT_RULES = [
     (r"^> ", "transcript"),                 # a chat: "> question" lines, each followed by the answer
     (r"^src/megrez/", "layout"),            # the README's layout: every path it names exists
     (r"^compute stream", "skip: a timeline diagram"),
+    (r"^\$ python examples/|^# index: ", "skip: a dated, recorded run of an example (the command itself runs in "
+                                         "test_every_command_and_program_in_the_docs_runs)"),
 ]
 
 
@@ -279,7 +281,7 @@ class DocRun:
     def __init__(self, doc: Path, root: Path, tiny_moe: Path, tiny_dense: Path):
         self.doc, self.dir = doc, root / doc.stem
         self.dir.mkdir(parents=True)
-        for name in ("src", "scripts", "benchmarks"):
+        for name in ("src", "scripts", "benchmarks", "examples"):
             (self.dir / name).symlink_to(REPO / name)
         for name, target in (("Megrez2-3x7B-A3B", tiny_moe), ("Megrez-3B-Instruct", tiny_dense), ("DIR", tiny_moe)):
             (self.dir / name).symlink_to(target)
@@ -395,11 +397,11 @@ def test_every_command_and_program_in_the_docs_runs(step, runs):
 # ---------------------------------------------------------------------------------------- text blocks
 
 def text_kind(step: Step) -> str:
-    if step.block.after is not None and step.block.after.lang in ("bash", "sh", "shell"):
-        return "output"
     for pattern, kind in TEXT_RULES:
         if re.search(pattern, step.code):
             return kind
+    if step.block.after is not None and step.block.after.lang in ("bash", "sh", "shell"):
+        return "output"
     if step.doc_name == "docs/shipped-model.md":
         return "sample"
     return "unknown"
