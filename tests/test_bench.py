@@ -2,7 +2,10 @@
 import json
 import sys
 
+import pytest
 import timing
+
+pytestmark = pytest.mark.slow  # each runs a benchmark end to end
 
 
 def run(*args):

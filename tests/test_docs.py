@@ -66,6 +66,11 @@ RULES = [
     Rule(r"^torchrun --nnodes 2", skip="needs two machines"),
     Rule(r"^torchrun --nproc-per-node 8", skip="8 processes (tests/test_train_distributed.py runs FSDP2 with 2)"),
     Rule(r"^python -m scripts\.compare_architectures", skip="trains 8 models for hours on 2 cores"),
+    Rule(r"Megrez-3B-Omni", skip="needs an Omni checkpoint and media files (tests/test_omni*.py run the same paths on "
+                                 "a small random one)"),
+    Rule(r"^lm_eval |lm_eval_local\.py", skip="lm-evaluation-harness is not installed by setup "
+                                              "(pip install 'lm-eval[api]')"),
+    Rule(r"^schemathesis run", skip="tests/test_server_fuzz.py runs schemathesis against the same server (slow)"),
     Rule(r"^python -m scripts\.train_bench --preset megrez2-200m --seq-len 2048",
          skip="a GPU throughput measurement (16 x 2048 tokens a step)"),
     Rule(r"--device cuda", gpu=True),
@@ -78,7 +83,8 @@ RULES = [
     Rule(r"^megrez train pretrain --preset", subs=[(r"--steps 2000", "--steps 3")],
          why="2,000 steps take an hour on 2 cores"),
     Rule(r"^megrez train"),
-    Rule(r"^megrez serve", subs=[(r"--port \d+", f"--port {FREE_PORT}")], why="a free port: the machine is shared",
+    Rule(r"^megrez serve", subs=[(r"--port \d+", f"--port {FREE_PORT}"), (r"\s*&$", "")],
+         why="a free port: the machine is shared (and run in the background here, & or not)",
          background=True),
     Rule(r"^python benchmarks/load\.py",
          subs=[(r"127\.0\.0\.1:\d+", f"127.0.0.1:{FREE_PORT}"), (r"--duration \d+", "--duration 2"),
@@ -99,6 +105,8 @@ TEXT_RULES = [
     (r"^> ", "transcript"),                 # a chat: "> question" lines, each followed by the answer
     (r"^src/megrez/", "layout"),            # the README's layout: every path it names exists
     (r"^compute stream", "skip: a timeline diagram"),
+    (r"^\$ python examples/|^# index: ", "skip: a dated, recorded run of an example (the command itself runs in "
+                                         "test_every_command_and_program_in_the_docs_runs)"),
 ]
 
 
@@ -133,7 +141,7 @@ def commands(block: Block) -> list[tuple[int, str]]:
         if not pending:
             line = strip_comment(raw.strip())
             start = block.line + 1 + i
-            if not line:
+            if not line or line.startswith("> "):  # "> text": typed into the command before it
                 continue
             pending = line
         elif pending.endswith("\n"):
@@ -209,7 +217,7 @@ ALL = [s for doc in DOCS for s in steps(doc)]
 def megrez_argv(cmd: str) -> list[list[str]]:
     """The argument lists of every ``megrez`` invocation in a shell command."""
     out = []
-    for part in re.split(r"\|\||&&|[|;]", cmd):
+    for part in re.split(r"\|\||&&|[|;&]", cmd):
         words = shlex.split(part.strip()) if part.strip() else []
         while words and re.match(r"^\w+=", words[0]):
             words = words[1:]
@@ -273,7 +281,7 @@ class DocRun:
     def __init__(self, doc: Path, root: Path, tiny_moe: Path, tiny_dense: Path):
         self.doc, self.dir = doc, root / doc.stem
         self.dir.mkdir(parents=True)
-        for name in ("src", "scripts", "benchmarks"):
+        for name in ("src", "scripts", "benchmarks", "examples"):
             (self.dir / name).symlink_to(REPO / name)
         for name, target in (("Megrez2-3x7B-A3B", tiny_moe), ("Megrez-3B-Instruct", tiny_dense), ("DIR", tiny_moe)):
             (self.dir / name).symlink_to(target)
@@ -389,11 +397,11 @@ def test_every_command_and_program_in_the_docs_runs(step, runs):
 # ---------------------------------------------------------------------------------------- text blocks
 
 def text_kind(step: Step) -> str:
-    if step.block.after is not None and step.block.after.lang in ("bash", "sh", "shell"):
-        return "output"
     for pattern, kind in TEXT_RULES:
         if re.search(pattern, step.code):
             return kind
+    if step.block.after is not None and step.block.after.lang in ("bash", "sh", "shell"):
+        return "output"
     if step.doc_name == "docs/shipped-model.md":
         return "sample"
     return "unknown"
