@@ -6,12 +6,10 @@ split from the rest of each step.
     python benchmarks/quantized_decode.py --schemes q4_k_m --threads 2 --output 48 --rounds 3
     python benchmarks/quantized_decode.py --prefill-only --prompt 512      # int8 GEMM vs dequantize + MKL
 
-Weights are random *quantized blocks* (random quants, scales sized like a 0.02-std
-initialisation), laid out as the formats store them: kernel speed does not depend on the
-values, and building them takes seconds where quantizing 350M random floats takes many
-minutes. Types follow llama.cpp's mixes: q8_0 and q4_0 everywhere; q4_k_m Q4_K with Q6_K for
-the LM head and for V and down projections (routed experts' too) on llama.cpp's "more bits"
-layers. The router, norms and embedding stay float32.
+Weights are ``megrez bench``'s random quantized models (``random_model(quantization=...)``):
+llama.cpp's type mix for the scheme (megrez.quant.recipe), allocated quantized and filled with
+random blocks whose scales match a 0.02-std initialisation; kernel speed does not depend on the
+values.
 
 Rounds are interleaved (each round: bandwidth probe, then every scheme) and the best round of
 each scheme is reported, with its fraction of the same round's bandwidth probe. "kernel ms"
@@ -28,67 +26,13 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
-from torch import nn
 
 from megrez import kernels
-from megrez.bench import best_time, device_name, measure_read_bandwidth, random_model, run_case
+from megrez.bench import best_time, device_name, fill_random_blocks, measure_read_bandwidth, random_model, run_case
 from megrez.kernels import quantized as kq
-from megrez.models.moe import ExpertBank
-from megrez.quant.formats import BLOCK_SIZES, QType, QuantTensor, row_bytes
-
-MAIN_TYPE = {"q8_0": QType.Q8_0, "q4_0": QType.Q4_0, "q4_k_m": QType.Q4_K}
-
-
-def _fp16(v: float, shape) -> np.ndarray:
-    return np.frombuffer(np.full(shape, v, dtype=np.float16).tobytes(), np.uint8).reshape(*shape, 2)
-
-
-def random_blocks(qtype: QType, shape, rng, std: float = 0.02) -> QuantTensor:
-    """Random quants with block scales that give weights of about ``std``."""
-    *lead, k = shape
-    n = int(np.prod(lead))
-    block, nbytes = BLOCK_SIZES[qtype]
-    data = rng.integers(0, 256, size=(n, k // block, nbytes), dtype=np.uint8)
-    if qtype == QType.Q8_0:
-        data[..., 0:2] = _fp16(std / 73, data.shape[:2])            # |q| ~ 73 on average
-    elif qtype == QType.Q4_0:
-        data[..., 0:2] = _fp16(std / 4.6, data.shape[:2])
-    elif qtype == QType.Q4_K:
-        data[..., 0:2] = _fp16(std / 32 / 7.5, data.shape[:2])      # d * sc * q, sc ~ 32, q ~ 7.5
-        data[..., 2:4] = _fp16(std / 32, data.shape[:2])
-    elif qtype == QType.Q6_K:
-        data[..., 208:210] = _fp16(std / 64 / 18, data.shape[:2])   # |sc| ~ 64, |q - 32| ~ 18
-    return QuantTensor(torch.from_numpy(data.reshape(*lead, row_bytes(qtype, k))), qtype, tuple(shape))
-
-
-def quantize_random(model, scheme: str, seed: int = 0):
-    """Replace every linear weight and expert bank of ``model`` by random quantized blocks."""
-    rng = np.random.default_rng(seed)
-    main = MAIN_TYPE[scheme]
-    n = model.args.num_hidden_layers
-
-    def more_bits(i):  # llama.cpp's use_more_bits
-        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-    def kind(name, proj, layer):
-        if scheme == "q4_k_m" and (name == "lm_head" or (proj in ("v_proj", "down_proj") and more_bits(layer))):
-            return QType.Q6_K
-        return main
-
-    for name, mod in list(model.named_modules()):
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        if isinstance(mod, ExpertBank):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                shape = getattr(mod, proj).shape
-                del mod._parameters[proj]
-                setattr(mod, proj, random_blocks(kind(name, proj, layer), shape, rng))
-        elif isinstance(mod, nn.Linear) and not name.endswith("mlp.gate"):
-            shape = mod.weight.shape
-            del mod._parameters["weight"]
-            mod.weight = random_blocks(kind(name, name.rsplit(".", 1)[-1], layer), shape, rng)
-    return model
+from megrez.quant.formats import QType
+from megrez.quant.modules import empty_quant
 
 
 class KernelTimer:
@@ -114,10 +58,11 @@ class KernelTimer:
 
 def prefill_products(m: int, threads: int) -> list[dict]:
     """One layer-sized product at m rows: the kernels' int8 GEMM vs dequantize + torch matmul."""
-    rng = np.random.default_rng(1)
+    gen = torch.Generator().manual_seed(1)
     rows = []
     for qtype in (QType.Q8_0, QType.Q4_K, QType.Q6_K):
-        w = random_blocks(qtype, (2816, 1024), rng)
+        w = empty_quant(qtype, (2816, 1024))
+        fill_random_blocks(w, gen)
         x = torch.randn(m, 1024)
         lib = kernels.load()
         with torch.inference_mode():
@@ -132,7 +77,7 @@ def prefill_products(m: int, threads: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="megrez2-350m")
-    p.add_argument("--schemes", nargs="+", default=["f32", "q8_0", "q4_k_m"], choices=["f32", *MAIN_TYPE])
+    p.add_argument("--schemes", nargs="+", default=["f32", "q8_0", "q4_k_m"], choices=["f32", "q8_0", "q4_0", "q4_k_m"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--output", type=int, default=32)
@@ -155,8 +100,8 @@ def main(argv=None) -> int:
         return 0
     models = {}
     for scheme in a.schemes:
-        model = random_model(a.shape, torch.device("cpu"), torch.float32)
-        models[scheme] = model if scheme == "f32" else quantize_random(model, scheme)
+        models[scheme] = random_model(a.shape, torch.device("cpu"), torch.float32,
+                                      quantization=None if scheme == "f32" else scheme)
     best: dict[str, dict] = {}
     for r in range(a.rounds):
         bw = measure_read_bandwidth(torch.device("cpu"), 512 << 20)

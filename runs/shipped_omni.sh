@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-runs-out/omni-adapter}
 python -m megrez.cli train image-adapter --base src/megrez/assets/megrez2-tiny-chat --out "$OUT" \
-    --steps 600 --batch-size 8 --threads 1 --eval-pictures 100 --log-every 50 --lr 1e-2 --warmup-steps 20 \
+    --steps 500 --batch-size 8 --threads 1 --eval-pictures 100 --log-every 50 --lr 1e-2 --warmup-steps 20 \
     --query-num 16
 python -m scripts.export_omni_asset "$OUT" src/megrez/assets/megrez2-tiny-omni

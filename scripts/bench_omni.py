@@ -38,9 +38,12 @@ def main() -> int:
         model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype)
-    if dtype is None:
-        free = available_host_memory() or 0
-        dtype = torch.float32 if n_params * 4 < min(20 << 30, 0.8 * free) else torch.bfloat16
+    free = available_host_memory() or 0
+    fits = n_params * 4 + (3 << 30) < min(21 << 30, 0.9 * free)  # weights, KV cache and activations
+    if dtype is None or (dtype == torch.float32 and not fits):
+        if dtype == torch.float32:
+            print(f"# float32 does not fit in the {free / 2**30:.1f} GiB available: bfloat16", file=sys.stderr)
+        dtype = torch.float32 if fits else torch.bfloat16
     device = torch.device(a.device)
     materialize(model, device, dtype)
     t = time.perf_counter()

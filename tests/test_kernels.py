@@ -18,6 +18,8 @@ def lib():
     lib = kernels.load()
     if lib is None:
         pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
+    if not kernels.lib_has_float_kernels(lib):
+        pytest.skip(f"the {kernels.variant} kernels have no float products (they need AVX2)")
     return lib
 
 

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -103,3 +104,74 @@ def test_image_adapter_trains_and_exports_a_working_checkpoint(tiny_moe, tmp_pat
     assert out.prompt_tokens > cfg.query_num
     with pytest.raises(ValueError, match="no audio encoder"):
         llm.chat([{"role": "user", "content": [{"type": "audio", "audio": str(tmp_path / "red.png")}]}])
+
+
+def test_the_language_model_runs_quantized_and_the_encoders_stay_float(tiny_omni):
+    from megrez import LLM, SamplingParams
+    from megrez.quant.formats import QuantTensor
+
+    llm = LLM(tiny_omni, device="cpu", quantization="q8_0")
+    layer = llm.model.llm.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.weight, QuantTensor) and isinstance(layer.mlp.down_proj.weight, QuantTensor)
+    assert not isinstance(llm.model.vision.vpm.encoder.layers[0].self_attn.q_proj.weight, QuantTensor)
+    assert not isinstance(llm.model.audio.audio.blocks[0].attn.query.weight, QuantTensor)
+    out = llm.chat([{"role": "user", "content": [{"type": "image", "image": PIL.new("RGB", (50, 50))},
+                                                 {"type": "text", "text": "hi"}]}],
+                   SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 4
+
+
+BUNDLED_OMNI = Path(__file__).resolve().parents[1] / "src" / "megrez" / "assets" / "megrez2-tiny-omni"
+
+
+@pytest.mark.skipif(not (BUNDLED_OMNI / "config.json").is_file(), reason="no bundled omni model")
+def test_bundled_omni_model_answers_about_a_picture_out_of_the_box(tmp_path):
+    """`megrez chat --image` without --model uses the bundled omni model; on fresh synthetic
+    pictures it names the colour of the shape."""
+    import random
+
+    from megrez.train.synthetic_images import make_picture
+
+    rng = random.Random(123)
+    right = 0
+    for n in range(4):
+        pic = make_picture(rng)
+        while pic.kind != "shape":
+            pic = make_picture(rng)
+        pic.image.save(tmp_path / f"p{n}.png")
+        r = subprocess.run([sys.executable, "-m", "megrez.cli", "chat", "--image", str(tmp_path / f"p{n}.png"),
+                            "-t", "0", "--max-tokens", "6", "--threads", "1"], input="What colour is the shape?\n",
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        right += r.stdout.strip().splitlines()[-1].strip() == f"{pic.colour.capitalize()}."
+    assert right >= 3
+
+
+def test_adapter_loss_with_the_shared_prefix_equals_the_full_forward(tiny_moe, tmp_path):
+    import random
+
+    import torch
+
+    from megrez.multimodal.prompt import PromptBuilder
+    from megrez.tokenizer import Tokenizer
+    from megrez.train.image_adapter import AdapterConfig, build, example, forward_loss, shared_prefix
+
+    cfg = AdapterConfig(base=str(tiny_moe), query_num=4,
+                        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "image_size": 112, "patch_size": 14})
+    model, adapter, files, old = build(cfg)
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    tok = Tokenizer(tmp_path)
+    rng = random.Random(0)
+    batch = [example(rng, cfg, PromptBuilder(tok, cfg.query_num), tok) for _ in range(3)]
+    head = batch[0][0].token_ids[: batch[0][0].runs[0][0] - 1]
+    full = forward_loss(model, adapter, old, batch)
+    full.backward()
+    want = [p.grad.clone() for p in adapter.parameters()]
+    adapter.zero_grad()
+    reused = forward_loss(model, adapter, old, batch, shared_prefix(model, adapter, old, head))
+    reused.backward()
+    assert abs(float(full) - float(reused)) <= 1e-5
+    for g, p in zip(want, adapter.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)

@@ -213,3 +213,29 @@ def test_data_url_and_remote_url(llm):
     assert out.prompt_tokens > 16
     with pytest.raises(MediaError, match="remote URLs are not fetched"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+
+
+def test_an_image_kept_in_the_conversation_is_encoded_once(tiny_omni, monkeypatch):
+    chat = LLM(tiny_omni, device="cpu", dtype="float32")
+    calls = []
+    orig = chat.model.encode_images
+    monkeypatch.setattr(chat.model, "encode_images", lambda crops: calls.append(len(crops)) or orig(crops))
+    conv = [{"role": "user", "content": [{"type": "image", "image": solid(500, 500)}, {"type": "text", "text": "a"}]}]
+    first = chat.encode_conversation(conv)
+    conv += [{"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    second = chat.encode_conversation(conv)
+    assert calls == [len(slice_image(solid(500, 500)).crops)]  # the source crop and its slices, once
+    assert torch.equal(first[1][0][1], second[1][0][1]) and first[1][0][0] == second[1][0][0]
+
+
+def test_prefill_chunks_that_split_an_image_run_change_nothing(tiny_omni, llm):
+    """Chunked prefill writes each chunk's share of the image vectors: a chunk size that cuts
+    through the placeholder runs gives the same first-token distribution and greedy tokens."""
+    chunked = LLM(tiny_omni, device="cpu", dtype="float32", prefill_chunk=7)
+    conv = [{"role": "user", "content": [{"type": "image", "image": solid(700, 500)},
+                                         {"type": "audio", "audio": torch.zeros(8000)},
+                                         {"type": "text", "text": "Describe."}]}]
+    ids, embeds = llm.encode_conversation(conv)
+    assert torch.allclose(first_logprobs(llm, ids, embeds), first_logprobs(chunked, ids, embeds), atol=1e-4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert llm.chat(conv, params).token_ids == chunked.chat(conv, params).token_ids

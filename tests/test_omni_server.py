@@ -116,3 +116,18 @@ def test_too_many_images_for_the_context(server):
     r = chat(url, parts)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert "image" in r.json()["error"]["message"]
+
+
+def test_image_on_a_text_only_model_is_a_400(tiny_dense):
+    from megrez.server.app import OpenAIServer
+    from megrez.server.protocol import APIError, Limits, parse_chat
+
+    engine = Engine(load_model(tiny_dense, device="cpu"), Tokenizer(tiny_dense), max_num_seqs=1, max_model_len=256)
+    server = OpenAIServer(engine, ServerConfig(["dense"]))
+    req = parse_chat({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": png_data_url()}}]}]},
+        Limits(), engine.model.args.vocab_size)
+    with pytest.raises(APIError) as e:
+        server.encode_with_media(req)
+    assert e.value.status == 400 and e.value.param == "messages[0].content[1]"
+    assert "this model takes text only" in e.value.message

@@ -31,9 +31,9 @@ from megrez.quant.formats import QType, QuantTensor, row_bytes
 gq = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType  # noqa: E402
 
-FORMATS = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
-BLOCK = {QType.Q8_0: 32, QType.Q4_0: 32, QType.Q4_K: 256, QType.Q6_K: 256}  # weights per block
-ACT_BLOCK = {QType.Q8_0: 32, QType.Q4_0: 32, QType.Q4_K: 256, QType.Q6_K: 256}  # activation scale block
+FORMATS = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K)
+BLOCK = {QType.Q8_0: 32, QType.Q4_0: 32, QType.Q5_0: 32, QType.Q4_K: 256, QType.Q6_K: 256}  # weights per block
+ACT_BLOCK = dict(BLOCK)  # activation scale block: the same
 
 
 def _fp16_bytes(values: np.ndarray) -> np.ndarray:
@@ -42,7 +42,7 @@ def _fp16_bytes(values: np.ndarray) -> np.ndarray:
 
 def random_weight(qtype: QType, n: int, k: int, seed: int) -> QuantTensor:
     rng = np.random.default_rng(seed)
-    if qtype in (QType.Q8_0, QType.Q4_0):
+    if qtype in (QType.Q8_0, QType.Q4_0, QType.Q5_0):
         w = rng.normal(0, 0.05, (n, k)).astype(np.float32)
         data = gq.quantize(w, GGMLQuantizationType(int(qtype)))
     else:
@@ -65,7 +65,7 @@ def gguf_dequantize(w: QuantTensor) -> torch.Tensor:
 def term_magnitudes(w: QuantTensor) -> torch.Tensor:
     """Per weight, the magnitude M of what the kernel sums for it, |integer term| * scales, so
     that every float rounding in the kernel is bounded by u * sum(M * |x|): |w| for Q8_0,
-    |d| (q + 8) for Q4_0 (the -8 is summed separately), |d sc q| + |dmin m| for Q4_K, and
+    |d| (q + 8) for Q4_0 and |d| (q + 16) for Q5_0 (the offset is summed separately), |d sc q| + |dmin m| for Q4_K, and
     |d sc| (q + 32) for Q6_K. Derived from gguf dequantizations of edited blocks."""
     deq = gguf_dequantize(w).double()
     if w.qtype == QType.Q8_0:
@@ -77,9 +77,10 @@ def term_magnitudes(w: QuantTensor) -> torch.Tensor:
         edit(b)
         return gguf_dequantize(QuantTensor(torch.from_numpy(b.reshape(w.data.shape)), w.qtype, w.shape)).double()
 
-    if w.qtype == QType.Q4_0:
+    if w.qtype in (QType.Q4_0, QType.Q5_0):
         d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)).abs()
-        return deq.abs() + 16 * d.repeat_interleave(32, dim=1)  # |d (q - 8)| + 16 |d| >= |d| (q + 8)
+        offset = 8 if w.qtype == QType.Q4_0 else 16
+        return deq.abs() + 2 * offset * d.repeat_interleave(32, dim=1)  # |d (q - o)| + 2o |d| >= |d| (q + o)
 
     if w.qtype == QType.Q4_K:
         no_min = deq_of(lambda b: b.__setitem__((..., slice(2, 4)), 0))    # d sc q
@@ -220,10 +221,10 @@ def test_rows_do_not_depend_on_the_batch(libs, qtype):
 
 def test_experts_in_one_call_equal_separate_products(libs):
     """Gate/up then down of every expert in one call: the same bits as one product at a time,
-    mixed formats (Q4_K gate/up with a Q6_K down, as the Q4_K_M recipe does) included."""
+    mixed formats (Q4_K gate/up with a Q6_K or Q5_0 down, as the Q4_K_M recipe does) included."""
     g = torch.Generator().manual_seed(8)
     segments = []
-    for e, (rows, qt, qt_down) in enumerate([(1, QType.Q4_K, QType.Q6_K), (3, QType.Q8_0, QType.Q8_0),
+    for e, (rows, qt, qt_down) in enumerate([(1, QType.Q4_K, QType.Q6_K), (3, QType.Q8_0, QType.Q5_0),
                                              (8, QType.Q4_0, QType.Q4_K), (2, QType.Q6_K, QType.Q4_0),
                                              (11, QType.Q4_K, QType.Q6_K)]):
         segments.append((torch.randn(rows, 512, generator=g), random_weight(qt, 256, 512, seed=10 * e),
@@ -280,3 +281,44 @@ def test_forced_variant_and_fallback_without_kernels():
     assert off.returncode == 0, off.stderr
     assert off.stdout.split()[0] == "none" and "MEGREZ_CPU_KERNELS=0" in off.stdout
     assert off.stderr.count("quantized CPU kernels unavailable") == 1
+
+
+def test_libraries_do_not_depend_on_the_build_machine(monkeypatch, tmp_path):
+    """Fixed flags per variant (never -march=native), and a cache key that changes with the
+    sources, the compiler, the flags and the CPU's features."""
+    for v in build.VARIANTS.values():
+        assert not any("native" in f or f.startswith(("-march", "-mtune")) for f in (*build.COMMON_FLAGS, *v.flags))
+    monkeypatch.setenv("MEGREZ_CACHE", str(tmp_path))
+    cc = build.compiler() or "cc"
+    avx2 = build.VARIANTS["avx2"]
+    base = build.library_path(avx2, 1, cc)
+    assert base.parent == tmp_path / "kernels" and "avx2" in base.name
+    assert build.library_path(avx2, 3, cc) != base                                          # CPU features
+    assert build.library_path(build.VARIANTS["avx512"], 1, cc) != base                      # flags
+    build._compiler_ids[cc] = "another compiler"
+    try:
+        assert build.library_path(avx2, 1, cc) != base                                      # compiler
+    finally:
+        del build._compiler_ids[cc]
+    assert build.library_path(avx2, 1, cc) == base
+
+
+def test_a_variant_the_cpu_cannot_run_is_refused_clearly():
+    code = ("import megrez.kernels as k\n"
+            "assert k.load() is None\n"
+            "print(k.reason)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MEGREZ_CPU_VARIANT": "avx1024"},
+                         capture_output=True, text=True, check=True)
+    assert "unknown CPU kernel variant 'avx1024'" in out.stdout
+
+
+def test_non_finite_activations_are_not_hidden(libs):
+    """A NaN or an infinity in x makes the products it enters NaN or infinite, as in float math,
+    instead of vanishing in the 8-bit rounding."""
+    for qtype in FORMATS:
+        w = random_weight(qtype, 8, 512, seed=12)
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(13))
+        x[0, 5], x[1, 300] = float("nan"), float("inf")
+        for name, lib in libs.items():
+            y = run(lib, x, w)
+            assert y[0].isnan().all() and not y[1].isfinite().any() and y[2].isfinite().all(), (name, qtype.name)

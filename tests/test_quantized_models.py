@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from megrez import LLM, SamplingParams
+from megrez import LLM, SamplingParams, kernels
 from megrez.loading import load_model
 from megrez.models import ConfigError
 from megrez.quant.formats import QType, QuantTensor
@@ -80,9 +80,17 @@ def test_quantized_logits_equal_float_model_on_dequantized_weights(float_and_q8)
     tokens = torch.randint(0, base.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = base(tokens), quant(tokens)
+        kernels.enabled = False  # the reference path: dequantize, then torch's float32 products
+        try:
+            exact = quant(tokens)
+        finally:
+            kernels.enabled = True
     # Same weights, same float32 math; only the summation order of the products may differ.
     scale = want.abs().amax()
-    assert (got - want).abs().max() <= 1e-4 * scale
+    assert (exact - want).abs().max() <= 1e-4 * scale
+    # The CPU kernels also round the activations to 8 bits per block, as llama.cpp does (their
+    # bound per product: tests/test_quantized_kernels.py): close to the same model, not equal.
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     # And the quantized model is close to the float model it came from.
     with torch.no_grad():
         original = load_model(path, device="cpu")(tokens)

@@ -118,9 +118,13 @@ class LLM:
 
         if not has_media(messages):
             return self.tokenizer.encode_chat(messages, **template_kwargs), None
+        if getattr(self, "encoder_cache", None) is None:
+            from .multimodal.prompt import EncoderCache
+
+            self.encoder_cache = EncoderCache()
         ids, embeddings, _ = prepare_chat(self.model, self.tokenizer, messages,
                                           max_len=self.engine.max_model_len if check_length else None,
-                                          **template_kwargs)
+                                          cache=self.encoder_cache, **template_kwargs)
         return ids, embeddings
 
     def _run(self, prompt_ids: list[list[int]], plist, single: bool, embeddings=None):

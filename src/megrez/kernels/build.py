@@ -81,6 +81,16 @@ def sources(variant: Variant) -> list[Path]:
     return [QUANTIZED, FLOAT] if variant.float_kernels else [QUANTIZED]
 
 
+def library_path(variant: Variant, cpu_features: int | None, cc: str) -> Path:
+    """Where the cache keeps ``variant``'s library: keyed by the sources, the compiler (path and
+    version), the flags and the CPU's feature set."""
+    key = hashlib.sha256()
+    for s in sources(variant):
+        key.update(s.read_bytes())
+    key.update("\0".join([_compiler_id(cc), *COMMON_FLAGS, *variant.flags, f"cpu={cpu_features}"]).encode())
+    return cache_dir() / f"megrez-{variant.name}-{key.hexdigest()[:16]}.so"
+
+
 def build(variant: Variant, cpu_features: int | None) -> Path:
     """The library for ``variant``, compiled into the cache unless it is there already."""
     cc = compiler()
@@ -91,11 +101,7 @@ def build(variant: Variant, cpu_features: int | None) -> Path:
     if missing:
         raise BuildError(f"{', '.join(missing)} missing from the installation")
     flags = [*COMMON_FLAGS, *variant.flags]
-    key = hashlib.sha256()
-    for s in srcs:
-        key.update(s.read_bytes())
-    key.update("\0".join([_compiler_id(cc), *flags, f"cpu={cpu_features}"]).encode())
-    target = cache_dir() / f"megrez-{variant.name}-{key.hexdigest()[:16]}.so"
+    target = library_path(variant, cpu_features, cc)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
  *   Q8_0  34 bytes / 32 weights: fp16 d, int8 q[32]                       w = d * q
  *   Q4_0  18 bytes / 32 weights: fp16 d, q[16] (low nibbles: weights 0-15,
  *         high nibbles: 16-31)                                             w = d * (q - 8)
+ *   Q5_0  22 bytes / 32 weights: fp16 d, 32 fifth bits (bit j: weight j), low 4 bits as Q4_0
+ *                                                                          w = d * (q - 16)
  *   Q4_K  144 bytes / 256: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins for 8 groups of
  *         32, q[128] (each 32 bytes: low nibbles one group, high nibbles the next)
  *                                                                          w = d * sc * q - dmin * m
@@ -16,7 +18,7 @@
  * element (the "reference order" of the scalar functions below), so every SIMD variant returns
  * the scalar reference's result bit for bit, and an output row never depends on the other rows.
  *
- * Reference order. Q8_0/Q4_0: for block i, the integer dot of elements 4l..4l+3 (lane l of 8)
+ * Reference order. Q8_0/Q4_0/Q5_0: for block i, the integer dot of elements 4l..4l+3 (lane l of 8)
  * is converted to float and fused-multiply-added with scale d_w * d_x into accumulator
  * acc[i % 2][l]; the result is the tree sum ((v0+v4)+(v2+v6))+((v1+v5)+(v3+v7)) of
  * v = acc[0] + acc[1]. Q4_K/Q6_K: one accumulator, per super-block in order, as written below.
@@ -46,7 +48,7 @@
 #define MZ_VNNI256 1
 #endif
 
-enum { QT_Q4_0 = 2, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
+enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
 #define MAX_ROWS 8 /* rows of x per pass over a weight row */
 
 /* One product of a call: y [m, n] = x [m, k] @ W^T, or silu(x @ W1^T) * (x @ W2^T). */
@@ -64,6 +66,8 @@ typedef struct {
     const int8_t *q;  /* [k] */
     const float *d;   /* [k / block]: scale per 32 (Q8_0, Q4_0) or per 256 (K formats) */
     const int16_t *s; /* [k / 16]: sum of each 16 quantized values */
+    const float *d8;  /* 32-wide formats: [k / 4], each block's scale 8 times (AVX-512 loads two
+                       * blocks' lane scales at once); NULL for the K formats */
 } act;
 
 static inline float fp16_to_f32(const uint8_t *p) {
@@ -91,7 +95,7 @@ static inline float fp16_to_f32(const uint8_t *p) {
 
 static int block_of(int qtype) {
     switch (qtype) {
-        case QT_Q8_0: case QT_Q4_0: return 32;
+        case QT_Q8_0: case QT_Q4_0: case QT_Q5_0: return 32;
         case QT_Q4_K: case QT_Q6_K: return 256;
     }
     return 0;
@@ -100,6 +104,7 @@ static int64_t bytes_of(int qtype) {
     switch (qtype) {
         case QT_Q8_0: return 34;
         case QT_Q4_0: return 18;
+        case QT_Q5_0: return 22;
         case QT_Q4_K: return 144;
         case QT_Q6_K: return 210;
     }
@@ -116,10 +121,13 @@ static void quantize_row(const float *x, int64_t k, int bs, int8_t *q, float *d,
     for (int64_t b = 0; b < k / bs; ++b) {
         const float *xb = x + b * bs;
         float amax = 0.0f;
+        int nan = 0;
         for (int i = 0; i < bs; ++i) {
             float a = fabsf(xb[i]);
             amax = a > amax ? a : amax;
+            nan |= a != a;
         }
+        if (nan) amax = NAN; /* a NaN activation makes the products NaN, as a float product would */
         float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
         d[b] = db;
         for (int i = 0; i < bs; ++i) {
@@ -169,6 +177,32 @@ static float dot_q4_0_ref(const uint8_t *w, const act *x, int64_t nb) {
             int32_t t = 0;
             for (int e = 4 * l; e < 4 * l + 4; ++e) t += (e < 16 ? qs[e] & 0xf : qs[e - 16] >> 4) * qx[e];
             if (l == 0) t -= 8 * (x->s[2 * i] + x->s[2 * i + 1]);
+            acc[i & 1][l] = fmaf((float)t, sc, acc[i & 1][l]);
+        }
+    }
+    float v[8];
+    for (int l = 0; l < 8; ++l) v[l] = acc[0][l] + acc[1][l];
+    return tree_sum8(v);
+}
+
+/* Q5_0: as Q4_0 with a fifth bit per weight and -16. */
+static inline int q5_0_value(const uint8_t *blk, int e) {
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    const uint8_t *qs = blk + 6;
+    return (e < 16 ? qs[e] & 0xf : qs[e - 16] >> 4) | (((qh >> e) & 1) << 4);
+}
+
+static float dot_q5_0_ref(const uint8_t *w, const act *x, int64_t nb) {
+    float acc[2][8] = {{0}};
+    for (int64_t i = 0; i < nb; ++i) {
+        const uint8_t *blk = w + 22 * i;
+        const int8_t *qx = x->q + 32 * i;
+        float sc = fp16_to_f32(blk) * x->d[i];
+        for (int l = 0; l < 8; ++l) {
+            int32_t t = 0;
+            for (int e = 4 * l; e < 4 * l + 4; ++e) t += q5_0_value(blk, e) * qx[e];
+            if (l == 0) t -= 16 * (x->s[2 * i] + x->s[2 * i + 1]);
             acc[i & 1][l] = fmaf((float)t, sc, acc[i & 1][l]);
         }
     }
@@ -251,6 +285,7 @@ static float dot_ref(int qtype, const uint8_t *w, const act *x, int64_t k) {
     switch (qtype) {
         case QT_Q8_0: return dot_q8_0_ref(w, x, k / 32);
         case QT_Q4_0: return dot_q4_0_ref(w, x, k / 32);
+        case QT_Q5_0: return dot_q5_0_ref(w, x, k / 32);
         case QT_Q4_K: return dot_q4_k_ref(w, x, k / 256);
         default: return dot_q6_k_ref(w, x, k / 256);
     }
@@ -337,6 +372,26 @@ INLINE __m256i q4_0_unpack(const uint8_t *qs) {
     __m128i b = _mm_loadu_si128((const __m128i *)qs), m4 = _mm_set1_epi8(0xf);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
 }
+/* Q5_0's 32 values (0-31) of a block as bytes. */
+INLINE __m256i q5_0_unpack(const uint8_t *blk) {
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+#if defined(MZ_AVX512)
+    __m256i hi = _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+#else /* byte j = 0xff where bit j is set (llama.cpp's bytes_from_bits_32) */
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                        _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                          0x0101010101010101LL, 0));
+    bytes = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL)),
+                              _mm256_set1_epi64x(-1));
+    __m256i hi = _mm256_and_si256(bytes, _mm256_set1_epi8(0x10));
+#endif
+    return _mm256_or_si256(q4_0_unpack(blk + 6), hi);
+}
+INLINE __m256i q5_0_lanes(__m256i q, const act *x, int64_t i) {
+    __m256i t = dot_u8s8(q, loadu(x->q + 32 * i));
+    return _mm256_sub_epi32(t, _mm256_setr_epi32(16 * (x->s[2 * i] + x->s[2 * i + 1]), 0, 0, 0, 0, 0, 0, 0));
+}
 #endif
 
 /* ------------------------------------------------------------------ AVX-512 (512-bit) */
@@ -377,11 +432,12 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
         __m512i qw = join256(loadu(b0 + 2), loadu(b1 + 2));
         __m512i aw = _mm512_abs_epi8(qw);
         __mmask64 neg = _mm512_movepi8_mask(qw);
-        float d0 = h2f(b0), d1 = h2f(b1);
+        __m512 dw = join_ps(h2f(b0), h2f(b1));
         for (int m = 0; m < mc; ++m) {
             __m512i qx = _mm512_loadu_si512((const void *)(x[m].q + 32 * i));
             __m512i t = dot_u8s8_512(aw, _mm512_mask_sub_epi8(qx, neg, _mm512_setzero_si512(), qx));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), join_ps(d0 * x[m].d[i], d1 * x[m].d[i + 1]), acc[m]);
+            __m512 sc = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d8 + 8 * i)); /* d_w * d_x per lane, as scalar */
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[m]);
         }
     }
     for (int m = 0; m < mc; ++m) {
@@ -396,34 +452,44 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     }
 }
 
-INLINE void q4_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+/* Q4_0 (five = 0) and Q5_0 (five = 1): values 0-15 or 0-31, offset 8 or 16 summed into lane 0. */
+INLINE void q4_0_family_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out, const int five) {
+    const int64_t bb = five ? 22 : 18;
+    const int off = five ? 16 : 8;
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < mc; ++m) acc[m] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 1 < nb; i += 2) {
-        const uint8_t *b0 = w + 18 * i, *b1 = b0 + 18;
-        __m512i q = join256(q4_0_unpack(b0 + 2), q4_0_unpack(b1 + 2));
-        float d0 = h2f(b0), d1 = h2f(b1);
+        const uint8_t *b0 = w + bb * i, *b1 = b0 + bb;
+        __m512i q = five ? join256(q5_0_unpack(b0), q5_0_unpack(b1)) : join256(q4_0_unpack(b0 + 2), q4_0_unpack(b1 + 2));
+        __m512 dw = join_ps(h2f(b0), h2f(b1));
         for (int m = 0; m < mc; ++m) {
             const int16_t *s = x[m].s + 2 * i;
             __m512i t = dot_u8s8_512(q, _mm512_loadu_si512((const void *)(x[m].q + 32 * i)));
-            __m512i corr = _mm512_setr_epi32(8 * (s[0] + s[1]), 0, 0, 0, 0, 0, 0, 0, 8 * (s[2] + s[3]), 0, 0, 0, 0,
-                                             0, 0, 0);
+            __m512i corr = _mm512_setr_epi32(off * (s[0] + s[1]), 0, 0, 0, 0, 0, 0, 0, off * (s[2] + s[3]), 0, 0,
+                                             0, 0, 0, 0, 0);
             t = _mm512_sub_epi32(t, corr);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), join_ps(d0 * x[m].d[i], d1 * x[m].d[i + 1]), acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d8 + 8 * i)), acc[m]);
         }
     }
     for (int m = 0; m < mc; ++m) {
         __m256 lo = _mm512_castps512_ps256(acc[m]), hi = _mm512_extractf32x8_ps(acc[m], 1);
         if (i < nb) {
-            const uint8_t *b0 = w + 18 * i;
-            __m256i t = q4_0_lanes(q4_0_unpack(b0 + 2), &x[m], i);
+            const uint8_t *b0 = w + bb * i;
+            __m256i t = five ? q5_0_lanes(q5_0_unpack(b0), &x[m], i) : q4_0_lanes(q4_0_unpack(b0 + 2), &x[m], i);
             lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(h2f(b0) * x[m].d[i]), lo);
         }
         out[m] = hsum256(_mm256_add_ps(lo, hi));
     }
 }
 
+
+INLINE void q4_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+    q4_0_family_rows(w, x, mc, nb, out, 0);
+}
+INLINE void q5_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+    q4_0_family_rows(w, x, mc, nb, out, 1);
+}
 
 INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
     float acc[MAX_ROWS];
@@ -526,30 +592,38 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     for (int m = 0; m < mc; ++m) out[m] = hsum256(_mm256_add_ps(acc0[m], acc1[m]));
 }
 
-INLINE void q4_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+INLINE void q4_0_family_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out, const int five) {
+    const int64_t bb = five ? 22 : 18;
     __m256 acc0[4], acc1[4];
     for (int m = 0; m < mc; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 1 < nb; i += 2) {
-        const uint8_t *b0 = w + 18 * i, *b1 = b0 + 18;
-        __m256i q0 = q4_0_unpack(b0 + 2), q1 = q4_0_unpack(b1 + 2);
+        const uint8_t *b0 = w + bb * i, *b1 = b0 + bb;
+        __m256i q0 = five ? q5_0_unpack(b0) : q4_0_unpack(b0 + 2), q1 = five ? q5_0_unpack(b1) : q4_0_unpack(b1 + 2);
         float d0 = h2f(b0), d1 = h2f(b1);
         for (int m = 0; m < mc; ++m) {
-            acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_0_lanes(q0, &x[m], i)), _mm256_set1_ps(d0 * x[m].d[i]),
+            acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps((five ? q5_0_lanes(q0, &x[m], i) : q4_0_lanes(q0, &x[m], i))), _mm256_set1_ps(d0 * x[m].d[i]),
                                       acc0[m]);
-            acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_0_lanes(q1, &x[m], i + 1)),
+            acc1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps((five ? q5_0_lanes(q1, &x[m], i + 1) : q4_0_lanes(q1, &x[m], i + 1))),
                                       _mm256_set1_ps(d1 * x[m].d[i + 1]), acc1[m]);
         }
     }
     if (i < nb) {
-        const uint8_t *b0 = w + 18 * i;
-        __m256i q0 = q4_0_unpack(b0 + 2);
+        const uint8_t *b0 = w + bb * i;
+        __m256i q0 = five ? q5_0_unpack(b0) : q4_0_unpack(b0 + 2);
         float d0 = h2f(b0);
         for (int m = 0; m < mc; ++m)
-            acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_0_lanes(q0, &x[m], i)), _mm256_set1_ps(d0 * x[m].d[i]),
+            acc0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps((five ? q5_0_lanes(q0, &x[m], i) : q4_0_lanes(q0, &x[m], i))), _mm256_set1_ps(d0 * x[m].d[i]),
                                       acc0[m]);
     }
     for (int m = 0; m < mc; ++m) out[m] = hsum256(_mm256_add_ps(acc0[m], acc1[m]));
+}
+
+INLINE void q4_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+    q4_0_family_rows(w, x, mc, nb, out, 0);
+}
+INLINE void q5_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
+    q4_0_family_rows(w, x, mc, nb, out, 1);
 }
 
 INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
@@ -620,13 +694,16 @@ INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
 #endif
 
 #if defined(MZ_AVX2) || defined(MZ_AVX512)
-#define ROWS_CASE(F, MC) case MC: F##_rows(w, x, MC, nb, out); return;
-#define ROWS_SWITCH(F)                                                                          \
-    static void F##_dispatch(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) { \
-        switch (mc) {                                                                           \
-            ROWS_CASE(F, 1) ROWS_CASE(F, 2) ROWS_CASE(F, 3) ROWS_CASE(F, 4)                     \
-            ROWS_MORE(F)                                                                        \
-        }                                                                                       \
+/* out[r * mc + m] = W[r] . x[m] for the nr consecutive rows of W from w (row bytes rb). */
+#define ROWS_CASE(F, MC) \
+    case MC: for (int64_t r = 0; r < nr; ++r) F##_rows(w + r * rb, x, MC, nb, out + r * MC); return;
+#define ROWS_SWITCH(F)                                                                                    \
+    static void F##_dispatch(const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t nb, \
+                             float *out) {                                                                \
+        switch (mc) {                                                                                     \
+            ROWS_CASE(F, 1) ROWS_CASE(F, 2) ROWS_CASE(F, 3) ROWS_CASE(F, 4)                               \
+            ROWS_MORE(F)                                                                                  \
+        }                                                                                                 \
     }
 #if ROWS_MAX == 8
 #define ROWS_MORE(F) ROWS_CASE(F, 5) ROWS_CASE(F, 6) ROWS_CASE(F, 7) ROWS_CASE(F, 8)
@@ -635,22 +712,27 @@ INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
 #endif
 ROWS_SWITCH(q8_0)
 ROWS_SWITCH(q4_0)
+ROWS_SWITCH(q5_0)
 ROWS_SWITCH(q4_k)
 ROWS_SWITCH(q6_k)
 
-/* out[m] = W_row . x[m], m < mc <= ROWS_MAX */
-static void rows_dot(int qtype, const uint8_t *w, const act *x, int mc, int64_t k, float *out) {
+/* out[r * mc + m] = W[r] . x[m] for nr consecutive rows of W, m < mc <= ROWS_MAX */
+static void rows_dot(int qtype, const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t k,
+                     float *out) {
     switch (qtype) {
-        case QT_Q8_0: q8_0_dispatch(w, x, mc, k / 32, out); return;
-        case QT_Q4_0: q4_0_dispatch(w, x, mc, k / 32, out); return;
-        case QT_Q4_K: q4_k_dispatch(w, x, mc, k / 256, out); return;
-        default: q6_k_dispatch(w, x, mc, k / 256, out); return;
+        case QT_Q8_0: q8_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q4_0: q4_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q5_0: q5_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
+        case QT_Q4_K: q4_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
+        default: q6_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
     }
 }
 #else
 #define ROWS_MAX 1
-static void rows_dot(int qtype, const uint8_t *w, const act *x, int mc, int64_t k, float *out) {
-    for (int m = 0; m < mc; ++m) out[m] = dot_ref(qtype, w, &x[m], k);
+static void rows_dot(int qtype, const uint8_t *w, int64_t rb, int64_t nr, const act *x, int mc, int64_t k,
+                     float *out) {
+    for (int64_t r = 0; r < nr; ++r)
+        for (int m = 0; m < mc; ++m) out[r * mc + m] = dot_ref(qtype, w + r * rb, &x[m], k);
 }
 #endif
 
@@ -664,12 +746,13 @@ typedef struct {
     int64_t m, k;
     int bs;
     uint8_t *base;
-    int64_t stride, q_bytes, d_bytes;
+    int64_t stride, q_bytes, d_bytes, s_bytes, d8_bytes;
 } act_slot;
 
 static inline act act_row(const act_slot *s, int64_t r) {
     const uint8_t *p = s->base + r * s->stride;
-    act a = {(const int8_t *)p, (const float *)(p + s->q_bytes), (const int16_t *)(p + s->q_bytes + s->d_bytes)};
+    act a = {(const int8_t *)p, (const float *)(p + s->q_bytes), (const int16_t *)(p + s->q_bytes + s->d_bytes),
+             s->d8_bytes ? (const float *)(p + s->q_bytes + s->d_bytes + s->s_bytes) : NULL};
     return a;
 }
 
@@ -688,7 +771,9 @@ static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, i
             s->x = p[i].x, s->m = p[i].m, s->k = p[i].k, s->bs = bs;
             s->q_bytes = ALIGN64(s->k);
             s->d_bytes = ALIGN64(4 * (s->k / bs));
-            s->stride = s->q_bytes + s->d_bytes + ALIGN64(2 * (s->k / 16));
+            s->s_bytes = ALIGN64(2 * (s->k / 16));
+            s->d8_bytes = bs == 32 ? ALIGN64(4 * (s->k / 4)) : 0;
+            s->stride = s->q_bytes + s->d_bytes + s->s_bytes + s->d8_bytes;
             s->base = (uint8_t *)(intptr_t)*bytes; /* offset until the buffer exists */
             *bytes += s->stride * s->m;
         }
@@ -699,25 +784,24 @@ static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, i
 
 /* Rows of W per work item: one for few rows of x (fine-grained parallelism), more when x is
  * long, so that a tile of W stays in cache while all of x passes over it. */
-static inline int64_t tile_rows(int64_t m) { return m <= MAX_ROWS ? 4 : 16; }
+static inline int64_t tile_rows(int64_t m) { return m <= MAX_ROWS ? 8 : 16; } /* <= TILE_MAX */
+
+#define TILE_MAX 16
 
 static void run_tile(const mz_product *p, const act_slot *s, int64_t n0) {
     int64_t n1 = n0 + tile_rows(p->m);
     if (n1 > p->n) n1 = p->n;
-    int64_t rb = bytes_of(p->qtype) * (p->k / block_of(p->qtype));
+    int64_t rb = bytes_of(p->qtype) * (p->k / block_of(p->qtype)), nr = n1 - n0;
     act x[ROWS_MAX];
-    float a[ROWS_MAX], b[ROWS_MAX];
+    float a[TILE_MAX * ROWS_MAX], b[TILE_MAX * ROWS_MAX];
     for (int64_t m0 = 0; m0 < p->m; m0 += ROWS_MAX) {
         int mc = (int)(p->m - m0 < ROWS_MAX ? p->m - m0 : ROWS_MAX);
         for (int m = 0; m < mc; ++m) x[m] = act_row(s, m0 + m);
-        for (int64_t n = n0; n < n1; ++n) {
-            rows_dot(p->qtype, p->w1 + n * rb, x, mc, p->k, a);
-            if (p->swiglu) {
-                rows_dot(p->qtype, p->w2 + n * rb, x, mc, p->k, b);
-                for (int m = 0; m < mc; ++m) p->y[(m0 + m) * p->n + n] = silu(a[m]) * b[m];
-            } else {
-                for (int m = 0; m < mc; ++m) p->y[(m0 + m) * p->n + n] = a[m];
-            }
+        rows_dot(p->qtype, p->w1 + n0 * rb, rb, nr, x, mc, p->k, a);
+        if (p->swiglu) rows_dot(p->qtype, p->w2 + n0 * rb, rb, nr, x, mc, p->k, b);
+        for (int m = 0; m < mc; ++m) {
+            float *y = p->y + (m0 + m) * p->n + n0;
+            for (int64_t r = 0; r < nr; ++r) y[r] = p->swiglu ? silu(a[r * mc + m]) * b[r * mc + m] : a[r * mc + m];
         }
     }
 }
@@ -744,6 +828,12 @@ static void run_stage(int64_t count, const mz_product *p, act_slot *slots, int64
         uint8_t *base = s->base + rr * s->stride;
         quantize_row(s->x + rr * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
                      (int16_t *)(base + s->q_bytes + s->d_bytes));
+        if (s->d8_bytes) {
+            const float *d = (const float *)(base + s->q_bytes);
+            float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
+            for (int64_t b = 0; b < s->k / 32; ++b)
+                for (int l = 0; l < 8; ++l) d8[8 * b + l] = d[b];
+        }
     }
     /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its
      * share; each tile is still computed by one thread in the one order, so results do not
@@ -811,7 +901,7 @@ int megrez_q_reference(const mz_product *p) {
     if (!q || !d || !s) return free(q), free(d), free(s), -2;
     for (int64_t m = 0; m < p->m; ++m) {
         quantize_row(p->x + m * p->k, p->k, bs, q, d, s);
-        act a = {q, d, s};
+        act a = {q, d, s, NULL};
         for (int64_t n = 0; n < p->n; ++n) {
             float v = dot_ref(p->qtype, p->w1 + n * rb, &a, p->k);
             p->y[m * p->n + n] = p->swiglu ? silu(v) * dot_ref(p->qtype, p->w2 + n * rb, &a, p->k) : v;
@@ -852,6 +942,9 @@ int megrez_q_dequantize(int qtype, const uint8_t *w, int64_t rows, int64_t k, fl
                     yb[i] = d * (float)((blk[2 + i] & 0xf) - 8);
                     yb[i + 16] = d * (float)((blk[2 + i] >> 4) - 8);
                 }
+            } else if (qtype == QT_Q5_0) {
+                float d = fp16_to_f32(blk);
+                for (int e = 0; e < 32; ++e) yb[e] = (float)(q5_0_value(blk, e) - 16) * d;
             } else if (qtype == QT_Q4_K) {
                 float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
                 uint8_t sc[8], mn[8];

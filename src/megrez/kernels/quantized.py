@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import kernels as _kernels  # the package (initialising while it imports this module)
 from ..quant.formats import QType, QuantTensor
 
-KERNEL_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
+KERNEL_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K)
 PLAIN_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 MAX_PRODUCTS = 256  # per stage of one kernel call (quantized.c)
 
@@ -187,7 +187,7 @@ def quantize_activations(lib, x: torch.Tensor, qtype: QType) -> tuple[torch.Tens
     scales float32 [M, K / block], sums of 16 int16 [M, K / 16])."""
     xr = _rows(x)
     m, k = xr.shape
-    block = 32 if qtype in (QType.Q8_0, QType.Q4_0) else 256
+    block = 32 if qtype in (QType.Q8_0, QType.Q4_0, QType.Q5_0) else 256
     q = torch.empty(m, k, dtype=torch.int8)
     d = torch.empty(m, k // block)
     s = torch.empty(m, k // 16, dtype=torch.int16)

@@ -275,12 +275,59 @@ class PromptBuilder:
         return MultimodalPrompt(ids, media, runs)
 
 
-def encode_media(model, prompt: MultimodalPrompt) -> list[tuple[int, torch.Tensor]]:
+class EncoderCache:
+    """The encoders' outputs for the last few images and clips, by content: a chat that
+    keeps an image in its history, or clients that send the same picture again, pay for
+    the encoder once."""
+
+    def __init__(self, size: int = 16):
+        import threading
+        from collections import OrderedDict
+
+        self.size, self.entries = size, OrderedDict()
+        self.hits = 0
+        self._lock = threading.Lock()  # the server encodes in several worker threads
+
+    @staticmethod
+    def key(m: Media) -> str:
+        import hashlib
+
+        h = hashlib.sha256(m.kind.encode())
+        tensors = m.image.crops if m.kind == "image" else [m.audio.mels, torch.tensor(m.audio.mel_lens)]
+        for t in tensors:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+            return hit
+
+    def put(self, key: str, value) -> None:
+        with self._lock:
+            self.entries[key] = value
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
+def encode_media(model, prompt: MultimodalPrompt, cache: EncoderCache | None = None) -> list[tuple[int, torch.Tensor]]:
     """Run the encoders once over every image crop and audio window of the prompt;
     returns (position, vectors) for each placeholder run, in the model's dtype."""
-    images = [(i, m) for i, m in enumerate(prompt.media) if m.kind == "image"]
-    audios = [(i, m) for i, m in enumerate(prompt.media) if m.kind == "audio"]
     vectors: dict[tuple[int, int], torch.Tensor] = {}
+    keys = {}
+    if cache is not None:
+        for i, m in enumerate(prompt.media):
+            keys[i] = cache.key(m)
+            hit = cache.get(keys[i])
+            if hit is not None:
+                vectors.update({(i, c): v for c, v in enumerate(hit)})
+    todo = [(i, m) for i, m in enumerate(prompt.media) if (i, 0) not in vectors]
+    images = [(i, m) for i, m in todo if m.kind == "image"]
+    audios = [(i, m) for i, m in todo if m.kind == "audio"]
     if images:
         crops = [c for _, m in images for c in m.image.crops]
         out = model.encode_images(crops)
@@ -298,6 +345,10 @@ def encode_media(model, prompt: MultimodalPrompt) -> list[tuple[int, torch.Tenso
             for w in range(len(m.audio.mel_lens)):
                 vectors[(i, w)] = out[k]
                 k += 1
+    if cache is not None:
+        for i, m in todo:
+            count = len(m.image.crops) if m.kind == "image" else len(m.audio.mel_lens)
+            cache.put(keys[i], [vectors[(i, c)] for c in range(count)])
     result = []
     for start, n, mi, c in prompt.runs:
         v = vectors[(mi, c)]
@@ -328,7 +379,7 @@ def first_media_part(messages) -> str:
 
 
 def prepare_chat(model, tokenizer, messages: list[dict], policy: MediaPolicy | None = None,
-                 max_len: int | None = None, **template_kwargs):
+                 max_len: int | None = None, cache: EncoderCache | None = None, **template_kwargs):
     """Token ids, placeholder embeddings and the prompt of a conversation with media.
     The encoders run here, once: the result can be shared by every choice of a request."""
     if not is_multimodal_model(model):
@@ -347,4 +398,4 @@ def prepare_chat(model, tokenizer, messages: list[dict], policy: MediaPolicy | N
         raise MediaError(f"the prompt has {len(prompt.token_ids)} tokens but the context holds {max_len} "
                          f"(at least one is needed for the answer): {prompt.multimodal_tokens} are image/audio "
                          f"placeholders ({parts}); send fewer or smaller images or shorter audio",)
-    return prompt.token_ids, encode_media(model, prompt), prompt
+    return prompt.token_ids, encode_media(model, prompt, cache), prompt

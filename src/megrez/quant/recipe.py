@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .formats import BLOCK_SIZES, QType
 
 SCHEMES: dict[str, QType] = {"q8_0": QType.Q8_0, "q4_0": QType.Q4_0, "q4_k_m": QType.Q4_K,
@@ -82,9 +84,14 @@ def tensor_types(model, scheme: str) -> dict[str, QType]:
     on the meta device)."""
     n_layers = model.args.num_hidden_layers
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    # A multimodal model (MegrezO) quantizes its language model, under ``llm.``; the image and
+    # speech encoders stay in float.
+    prefix = "llm." if isinstance(getattr(model, "llm", None), torch.nn.Module) else ""
     types = {}
     for name, p in model.named_parameters():
-        qtype = tensor_type(name, tuple(p.shape), scheme, n_layers, tied)
+        if not name.startswith(prefix):
+            continue
+        qtype = tensor_type(name[len(prefix):], tuple(p.shape), scheme, n_layers, tied)
         if qtype is not None:
             types[name] = qtype
     return types

@@ -195,7 +195,10 @@ class OpenAIServer:
         tokenizers on long inputs take a while, and image/audio encoders longer (they run
         here, once per request, whatever ``n`` is)."""
         from ..multimodal import MediaError
-        from ..multimodal.prompt import MediaPolicy, has_media, prepare_chat
+        from ..multimodal.prompt import EncoderCache, MediaPolicy, has_media, prepare_chat
+
+        if getattr(self, "encoder_cache", None) is None:
+            self.encoder_cache = EncoderCache()
 
         out = []
         media_embeddings = {}
@@ -205,7 +208,7 @@ class OpenAIServer:
                                      allowed_dirs=tuple(self.config.allowed_media_dirs))
                 try:
                     ids, embeddings, _ = prepare_chat(self.engine.model, self.tokenizer, prompt, policy,
-                                                      max_len=self.engine.max_model_len)
+                                                      max_len=self.engine.max_model_len, cache=self.encoder_cache)
                 except MediaError as e:
                     param = str(e).split(":", 1)[0] if str(e).startswith("messages[") else "messages"
                     code = "context_length_exceeded" if "context holds" in str(e) else None

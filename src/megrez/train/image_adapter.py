@@ -124,25 +124,73 @@ def example(rng: random.Random, cfg: AdapterConfig, builder: PromptBuilder, tok:
     return prompt, target, media[0].image.crops[0]
 
 
-def forward_loss(model, adapter, old_vocab: int, batch):
-    """Mean cross-entropy of the answer tokens of a batch of (prompt, target, crop)."""
-    rows = [p.token_ids + t for p, t, _ in batch]
+class RecordingContext:
+    """Causal attention over one row that keeps every layer's keys and values."""
+
+    def __init__(self, length: int, device):
+        self.positions = torch.arange(length, device=device)[None]
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, layer_idx, q, k, v):
+        from ..models.base import sdpa
+
+        self.kv[layer_idx] = (k, v)
+        return sdpa(q, k, v, is_causal=True)
+
+
+class PrefixContext:
+    """Attention for rows that all continue one fixed prefix (the system prompt and the user
+    turn's opening), whose keys and values were computed once: every token sees the whole
+    prefix and, causally, its own row."""
+
+    def __init__(self, prefix: RecordingContext, batch: int, length: int, device):
+        from ..models.base import sdpa
+
+        self.sdpa, self.prefix = sdpa, prefix
+        n = prefix.positions.shape[1]
+        self.positions = (torch.arange(length, device=device) + n).expand(batch, length)
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        self.mask = torch.cat([torch.ones(length, n, dtype=torch.bool, device=device), causal], 1)[None, None]
+
+    def attend(self, layer_idx, q, k, v):
+        pk, pv = self.prefix.kv[layer_idx]
+        b = q.shape[0]
+        k = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+        return self.sdpa(q, k, v, mask=self.mask)
+
+
+def shared_prefix(model, adapter, old_vocab: int, ids: list[int]) -> RecordingContext:
+    """Keys and values of the prompt tokens before the image (the same in every example)."""
+    table = torch.cat([model.llm.model.embed_tokens.weight[:old_vocab], adapter.new_embeddings.detach()])
+    ctx = RecordingContext(len(ids), table.device)
+    with torch.no_grad():
+        model.llm(None, cache=ctx, input_embeddings=F.embedding(torch.tensor([ids]), table))
+    return ctx
+
+
+def forward_loss(model, adapter, old_vocab: int, batch, prefix: RecordingContext | None = None):
+    """Mean cross-entropy of the answer tokens of a batch of (prompt, target, crop). With
+    ``prefix``, every prompt starts with its tokens, whose keys/values are reused."""
+    skip = prefix.positions.shape[1] if prefix is not None else 0
+    rows = [p.token_ids[skip:] + t for p, t, _ in batch]
     longest = max(map(len, rows))
     ids = torch.zeros(len(rows), longest, dtype=torch.long)
     labels = torch.full((len(rows), longest), -100, dtype=torch.long)
     for b, ((p, t, _), row) in enumerate(zip(batch, rows)):
         ids[b, : len(row)] = torch.tensor(row)
-        n = len(p.token_ids)
+        n = len(p.token_ids) - skip
         labels[b, n - 1: n - 1 + len(t)] = torch.tensor(t)  # position i predicts token i + 1
     table = torch.cat([model.llm.model.embed_tokens.weight[:old_vocab], adapter.new_embeddings])
     h = F.embedding(ids, table)
     vectors = adapter.vision([c for _, _, c in batch])          # [B, Q, H]
-    starts = torch.tensor([p.runs[0][0] for p, _, _ in batch])
+    starts = torch.tensor([p.runs[0][0] - skip for p, _, _ in batch])
     q = vectors.shape[1]
     rows_idx = torch.arange(len(batch))[:, None].expand(-1, q)
     cols_idx = starts[:, None] + torch.arange(q)[None]
     h = h.index_put((rows_idx.reshape(-1), cols_idx.reshape(-1)), vectors.reshape(-1, vectors.shape[-1]))
-    logits = model.llm(None, input_embeddings=h)
+    ctx = PrefixContext(prefix, h.shape[0], h.shape[1], h.device) if prefix is not None else None
+    logits = model.llm(None, cache=ctx, input_embeddings=h)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
 
 
@@ -189,7 +237,13 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     for step in bar:
         set_lr(opt, lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, 0.1))
         batch = [example(rng, cfg, builder, tok) for _ in range(cfg.batch_size)]
-        loss = forward_loss(model, adapter, old_vocab, batch)
+        # The tokens before the image (system prompt, user turn opening) are the same in every
+        # example and do not depend on what is trained except the delimiter rows, which they
+        # do not contain: their keys/values are computed once per step, without gradients.
+        head = batch[0][0].token_ids[: batch[0][0].runs[0][0] - 1]
+        same = all(p.token_ids[: len(head)] == head for p, _, _ in batch) and old_vocab > max(head)
+        prefix = shared_prefix(model, adapter, old_vocab, head) if same and head else None
+        loss = forward_loss(model, adapter, old_vocab, batch, prefix)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
         opt.step()
