@@ -110,9 +110,6 @@ def build_engine(a):
     """Model, tokenizer and engine from the parsed arguments."""
     from ..cli import announce_template, make_llm
 
-    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "block_size"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     llm = make_llm(a, max_num_seqs=a.max_num_seqs, kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
                    prefill_chunk=a.prefill_chunk, block_size=a.block_size, enable_prefix_caching=a.prefix_caching)
     announce_template(llm)
@@ -124,7 +121,7 @@ def server_config(a, names: list[str], api_key: str | None):
 
     from .app import ServerConfig
 
-    for name in ("max_request_tokens", "max_logprobs"):
+    for name in ("max_num_seqs", "max_waiting", "prefill_chunk", "block_size", "max_request_tokens", "max_logprobs"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("header_timeout", "body_timeout", "shutdown_timeout"):
