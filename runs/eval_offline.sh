@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `megrez eval` over every task set available offline, on the bundled model and on a random
 # checkpoint of the same shape family (`megrez create-tiny`), one thread, answers capped at
-# 256 tokens. Needs the eval extras and lm-eval's task files:
+# 96 tokens. Needs the eval extras and lm-eval's task files:
 #   pip install -e '.[eval]' && pip install --no-deps lm-eval
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +11,9 @@ THREADS=${THREADS:-1}
 RANDOM_CKPT=$OUT/random-megrez2
 [ -f "$RANDOM_CKPT/config.json" ] || python -m megrez.cli create-tiny "$RANDOM_CKPT" --arch moe --force
 for model in bundled random; do
-  args=(--threads "$THREADS" --max-tokens 256 --no-progress --out "$OUT/$model")
+  args=(--threads "$THREADS" --max-tokens 96 --no-progress --out "$OUT/$model")
   [ "$model" = random ] && args+=(--model "$RANDOM_CKPT")
-  python -m megrez.cli eval "${args[@]}" --task arithmetic --task-option n=500 \
+  python -m megrez.cli eval "${args[@]}" --task arithmetic --task-option n=200 \
       --task gsm8k-sample --task mmlu-dev --task ifeval > "$OUT/$model.jsonl"
   python -m megrez.cli eval "${args[@]}" --task humaneval --samples 1 >> "$OUT/$model.jsonl"
 done

@@ -16,7 +16,7 @@ fi
 say() { printf 'setup: %s\n' "$*" >&2; }
 started=$SECONDS
 if [ ! -x .venv/bin/python ]; then
-  say "creating the virtual environment .venv (first run; about a minute in all)"
+  say "creating the virtual environment .venv (first run: a few minutes, most of it pip)"
   python3 -m venv .venv
 fi
 . .venv/bin/activate

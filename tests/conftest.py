@@ -11,3 +11,8 @@ def tiny_moe(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dense(tmp_path_factory):
     return create_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-dense", arch="dense", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_omni(tmp_path_factory):
+    return create_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-omni", arch="omni", seed=0)

@@ -2,7 +2,10 @@
 import json
 import sys
 
+import pytest
 import timing
+
+pytestmark = pytest.mark.slow  # each runs a benchmark end to end
 
 
 def run(*args):
@@ -21,6 +24,20 @@ def test_bench_reports_rooflines():
         assert r["decode_tokens_per_s"] > 0 and 0 < r["bandwidth_fraction"] < 1.5
         # One token reads at least every non-expert weight and top_k experts per MoE layer.
         assert r["bytes_per_step"] >= out["active_params"] * 4 * 0.5
+
+
+def test_bench_quantized_counts_the_quantized_bytes():
+    """--quantization allocates the scheme's types directly (random blocks) and counts the bytes
+    a step reads at their quantized size."""
+    f32 = run("bench", "--shape", "megrez2-mini", "--device", "cpu", "--dtype", "float32", "--prompt", "16",
+              "--output", "6")
+    q8 = run("bench", "--shape", "megrez2-mini", "--device", "cpu", "--dtype", "float32", "--prompt", "16",
+             "--output", "6", "--quantization", "q8_0")
+    assert q8["model"] == "megrez2-mini (q8_0)" and q8["active_params"] == f32["active_params"]
+    (a,), (b,) = f32["results"], q8["results"]
+    assert b["decode_tokens_per_s"] > 0 and 0 < b["bandwidth_fraction"] < 1.5
+    # Q8_0 is 34 bytes per 32 weights; the router, norms, embedding row and KV cache stay float.
+    assert 0.2 < b["bytes_per_step"] / a["bytes_per_step"] < 0.4
 
 
 def test_bench_offload_keeps_tokens_identical():

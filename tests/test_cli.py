@@ -78,6 +78,7 @@ def test_default_model_needs_no_download(tmp_path):
     assert r.returncode == 0 and "MegrezMoeForCausalLM" in r.stdout and "pre-gated" in r.stdout
 
 
+@pytest.mark.slow
 def test_verify_against_transformers(tiny_dense, tiny_moe):
     r = megrez("verify", "--model", tiny_dense, "--tokens", "8")
     assert r.returncode == 0, r.stderr

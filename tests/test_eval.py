@@ -236,3 +236,15 @@ def test_cli_eval_on_a_checkpoint(tiny_moe, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["items"] == 4 and Path(tmp_path / "arithmetic.summary.json").is_file()
     assert main(["eval", "--task", "nonsense", "--model", str(tiny_moe), "--device", "cpu"]) == 2
+
+
+def test_a_prompt_too_long_fails_alone(tiny_moe):
+    from megrez.engine import SamplingParams
+    from megrez.eval.backends import EngineBackend, GenRequest
+    from megrez.llm import LLM
+
+    backend = EngineBackend.from_llm(LLM(tiny_moe, device="cpu", max_num_seqs=2, max_model_len=32))
+    reqs = [GenRequest(text="hello " * n, params=SamplingParams(max_tokens=3, temperature=0.0)) for n in (2, 200, 3)]
+    ok, bad, ok2 = backend.generate(reqs, progress=False)
+    assert bad.finish_reason.startswith("error: prompt has") and not bad.text
+    assert ok.finish_reason in ("stop", "length") and ok2.finish_reason in ("stop", "length")

@@ -32,6 +32,7 @@ def test_logits_match_float64_reference(ours, reference):
     assert diff <= TOL, f"max |logit diff| {diff:.2e} > {TOL}"
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_reference(tiny_moe):
     llm = LLM(tiny_moe, device="cpu", dtype="float32")
     out = llm.generate(PROMPT[:6], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))

@@ -31,6 +31,7 @@ def offloaded(tiny_moe, slots, **kw):
     return LLM(tiny_moe, device="cpu", gpu_memory_budget=budget, kv_cache_memory=kv, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slots,kw", [
     (32, {}),                                   # every expert of both groups fits
     (8, {}),                                    # half a group: eviction on every layer

@@ -10,7 +10,7 @@ from megrez.quant.formats import BLOCK_SIZES, QType, QuantTensor, dequantize, qu
 
 gguf = pytest.importorskip("gguf")
 
-ALL = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K]
+ALL = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
 
 
 def reference_dequantize(data: torch.Tensor, qtype: QType, shape) -> torch.Tensor:
@@ -46,7 +46,7 @@ def awkward_weights(rows: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.F16, QType.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.F16, QType.BF16], ids=lambda q: q.name)
 def test_quantize_equals_gguf_reference(qtype):
     w = awkward_weights(24, 768, seed=3)
     ours = quantize(w, qtype)
@@ -144,7 +144,7 @@ def test_quantize_equals_llama_cpp(qtype):
     lib = _ggml()
     if lib is None:
         pytest.skip("llama-cpp-python is not installed")
-    w = awkward_weights(16, 1024, seed=11).contiguous()
+    w = awkward_weights(64, 2048, seed=11).contiguous()
     ours = quantize(w, qtype)
     out = torch.empty_like(ours.data)
     lib.ggml_quantize_chunk(int(qtype), w.data_ptr(), out.data_ptr(), 0, w.shape[0], w.shape[1], None)

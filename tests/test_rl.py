@@ -160,3 +160,26 @@ def test_rl_resume_after_interruption_continues_identically(policy_dir, tmp_path
 
     wa, wb = load_file(str(tmp_path / "a/final/model.safetensors")), load_file(str(tmp_path / "b/final/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Mixed(EvenLength):
+    """Prompts 0-3 are always solved, 4-11 never, the rest sometimes (even-length answers)."""
+
+    def __init__(self):
+        super().__init__(n=16)
+
+    def grade(self, ex, response):
+        i = int(ex.id[1:])
+        return Grade(True if i < 4 else False if i < 12 else len(response) % 2 == 0)
+
+
+def test_prompt_filtering_by_pass_rate(policy_dir, tmp_path):
+    tr = RLTrainer(rl_cfg(policy_dir, tmp_path / "run", filter_samples=6, zero_pass_fraction=0.5), task=Mixed())
+    tr.out.mkdir(parents=True)
+    pool = tr.build_pool()
+    event = json.loads((tr.out / "metrics.jsonl").read_text().splitlines()[-1])
+    partial = [i for i in pool if i >= 12]
+    never = [i for i in pool if 4 <= i < 12]
+    assert not any(i < 4 for i in pool) and event["always_solved"] >= 4      # solved every time: dropped
+    assert len(partial) == event["partly_solved"] >= 1                       # sometimes solved: all kept
+    assert len(never) == min(8, len(partial)) == event["kept_never_solved"]  # half the pool never solved

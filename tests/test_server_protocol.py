@@ -78,8 +78,8 @@ def test_completion_prompts_and_defaults():
 def test_unsupported_fields_pass_only_with_their_default():
     body = {"messages": USER, "tools": [], "tool_choice": "none", "logit_bias": {}, "response_format": {"type": "text"}}
     parse_chat(body, LIMITS, VOCAB)
-    for field, value in (("tools", [{"type": "function"}]), ("response_format", {"type": "json_object"}),
-                         ("tool_choice", "required"), ("modalities", ["text", "audio"])):
+    for field, value in (("functions", [{"name": "f"}]), ("prediction", {"type": "content"}),
+                         ("modalities", ["text", "audio"])):
         e = error_of(parse_chat, {"messages": USER, field: value}, LIMITS, VOCAB)
         assert e.param == field and e.code == "unsupported_parameter"
 

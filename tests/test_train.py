@@ -504,15 +504,27 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
 
     STEPS = 300
     cmd, straight = command("straight")
-    t0 = time.perf_counter()
     timing.run(cmd, timeout=300, env=env, check=True)
-    duration = time.perf_counter() - t0
     cmd, killed = command("killed")
     rng = random.Random(0)
     kills = 0
-    for _ in range(4):
+
+    def steps_logged():
+        path = killed / "metrics.jsonl"
+        return max([json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()] or [0]) \
+            if path.is_file() else 0
+
+    # Kills keyed to progress, not to wall time (which a busy machine stretches): the first in
+    # start-up, the others at random steps ahead, so some land in steps and some in saves.
+    for n in range(4):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, 0.4) * duration)  # some kills land in start-up, some in saves
+        if n == 0:
+            time.sleep(rng.uniform(0.2, 1.0))
+        else:
+            target = min(STEPS - 1, steps_logged() + rng.randint(5, 60))
+            deadline = timing.Deadline(300)
+            while proc.poll() is None and steps_logged() < target and not deadline.expired():
+                time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -21,6 +21,7 @@ from megrez.train.trainer import Trainer
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_process_fsdp_step_matches_one_process(tmp_path, tok_dir):  # noqa: F811
     common = dict(steps=2, batch_size=1, seq_len=32, eval_every=2, save_every=2, export_dtype="float32",

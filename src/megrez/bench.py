@@ -40,6 +40,17 @@ def shape_bytes(shape: str, dtype: torch.dtype, kv_heads: int | None = None) -> 
     return {"experts": experts, "rest": sum(p.numel() for p in model.parameters()) * size - experts}
 
 
+def _quantized_bytes(shape: str, scheme: str, kv_heads: int | None = None) -> int:
+    from .quant.recipe import scheme_bytes
+
+    config = dict(SHAPES[shape])
+    if kv_heads:
+        config["num_key_value_heads"] = kv_heads
+    with torch.device("meta"):
+        model = build_model(config)
+    return scheme_bytes(model, scheme)[0]
+
+
 def require_memory(shape: str, dtype: torch.dtype, device: torch.device, need: int, what: str) -> None:
     """Refuse, before allocating anything, a run that cannot fit in the memory it would use."""
     from .loading import available_host_memory
@@ -61,14 +72,21 @@ def require_memory(shape: str, dtype: torch.dtype, device: torch.device, need: i
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
-                 expert_device: torch.device | None = None):
+                 expert_device: torch.device | None = None, quantization: str | None = None):
     """A model of a named shape with random weights, allocated directly on ``device`` (routed
-    experts on ``expert_device`` if given)."""
+    experts on ``expert_device`` if given). With ``quantization`` (a scheme of
+    ``megrez.quant.recipe``), the weights the scheme quantizes are allocated quantized and filled
+    with random blocks (see :func:`fill_random_blocks`): no float copy is ever made."""
     config = dict(SHAPES[shape])
     if kv_heads:
         config["num_key_value_heads"] = kv_heads
     with torch.device("meta"):
         model = build_model(config)
+    if quantization:
+        from .quant.modules import quantize_modules
+        from .quant.recipe import tensor_types
+
+        quantize_modules(model, tensor_types(model, quantization), device)
     materialize(model, device, dtype, expert_device)
     gens = {}
     with torch.no_grad():
@@ -83,8 +101,37 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.01, generator=gens[b.device])
+        if quantization:
+            from .quant.modules import quant_tensors
+
+            gen = torch.Generator(device=device).manual_seed(seed + 1)
+            for qt in {id(q): q for q in quant_tensors(model).values()}.values():
+                fill_random_blocks(qt, gen)
     model.hf_config = config
     return model.eval().requires_grad_(False)
+
+
+# Block scales that make random quants weights of about 0.02 (the init above): Q8_0 |q| ~ 64,
+# Q4_0 |q - 8| ~ 4, Q5_0 |q - 16| ~ 8, Q4_K d * sc * q with sc ~ 32 and q ~ 7.5, Q6_K |sc| ~ 64 and
+# |q - 32| ~ 16. (qtype name, byte offset of the fp16 scale) -> scale
+_RANDOM_SCALES = {("Q8_0", 0): 0.02 / 64, ("Q4_0", 0): 0.02 / 4, ("Q5_0", 0): 0.02 / 8,
+                  ("Q4_K", 0): 0.02 / 32 / 7.5, ("Q4_K", 2): 0.02 / 32, ("Q6_K", 208): 0.02 / 64 / 16}
+
+
+def fill_random_blocks(qt, gen: torch.Generator) -> None:
+    """Random quants in place, with fixed block scales that give weights of about 0.02. The
+    speed of a quantized product does not depend on the values, and this takes a fraction of a
+    second where quantizing random floats by ggml's algorithms takes minutes per billion."""
+    import numpy as np
+
+    from .quant.formats import BLOCK_SIZES
+
+    block, nbytes = BLOCK_SIZES[qt.qtype]
+    blocks = qt.data.view(-1, qt.shape[-1] // block, nbytes)
+    blocks.random_(0, 256, generator=gen)
+    for (name, offset), scale in _RANDOM_SCALES.items():
+        if name == qt.qtype.name:
+            blocks[..., offset:offset + 2] = torch.from_numpy(np.array([scale], np.float16).view(np.uint8))
 
 
 # ------------------------------------------------------------------------------ hardware ceilings
@@ -132,20 +179,37 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 # ------------------------------------------------------------------------------ accounting
 
+def _stored_tensors(model):
+    """(name, bytes) of every weight as stored: float parameters and quantized tensors
+    (QuantTensor attributes of quantized modules) alike, shared tensors once."""
+    from .quant.formats import QuantTensor
+
+    seen = set()
+    for name, p in model.named_parameters():
+        seen.add(p.data_ptr())
+        yield name, p.numel() * p.element_size()
+    for mod_name, mod in model.named_modules():
+        for attr, v in vars(mod).items():
+            if isinstance(v, QuantTensor) and v.data.data_ptr() not in seen:
+                seen.add(v.data.data_ptr())
+                yield f"{mod_name}.{attr}", v.nbytes
+
+
 def weight_bytes(model) -> dict:
-    """Bytes of weights per category: everything but routed experts and the embedding table,
-    one routed expert, one embedding row."""
+    """Bytes of weights per category, as stored (quantized weights at their quantized size):
+    everything but routed experts and the embedding table, one routed expert (the mean over the
+    banks), one embedding row."""
     a = model.args
-    size = next(model.parameters()).element_size()
-    expert = 0
-    if hasattr(a, "moe_intermediate_size"):
-        expert = 3 * a.hidden_size * a.moe_intermediate_size * size
-    banks = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * size
-    embed = model.model.embed_tokens.weight.numel() * size
-    dense = sum(p.numel() for p in model.parameters()) * size - banks - embed
+    tensors = dict(_stored_tensors(model))
+    bank_names = [n for n in tensors if ".experts." in n]
+    banks = sum(tensors[n] for n in bank_names)
+    n_banks = len(bank_names) // 3
+    expert = banks / (n_banks * a.n_routed_experts) if n_banks else 0
+    embed = tensors["model.embed_tokens.weight"]
+    dense = sum(tensors.values()) - banks - embed
     if a.tie_word_embeddings:
         dense += embed  # the tied table is read in full by the LM head
-    return {"dense": dense, "expert": expert, "embed_row": a.hidden_size * size}
+    return {"dense": dense, "expert": expert, "embed_row": embed / a.vocab_size}
 
 
 class ExpertCounter:
@@ -165,9 +229,20 @@ class ExpertCounter:
         return n
 
 
+def parameter_counts(model) -> dict[str, int]:
+    """Stored and active parameters; a quantized model is counted as the float model of its
+    config (its quantized tensors are not torch parameters)."""
+    from .quant.formats import QuantTensor
+
+    if any(isinstance(v, QuantTensor) for m in model.modules() for v in vars(m).values()):
+        with torch.device("meta"):
+            return build_model(model.hf_config).parameter_counts()
+    return model.parameter_counts()
+
+
 def flops_per_token(model, context: int) -> float:
     """Model FLOPs of one token's forward pass at a given context length (matmuls + attention)."""
-    counts = model.parameter_counts()
+    counts = parameter_counts(model)
     a = model.args
     matmul_params = counts["active"] - a.vocab_size * a.hidden_size * (0 if a.tie_word_embeddings else 1)
     attention = 4 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * context
@@ -246,18 +321,19 @@ def bench(a) -> dict:
         from .loading import load_model, read_json, resolve_model_path
 
         dtype = resolve_dtype(a.dtype, read_json(resolve_model_path(a.model) / "config.json"), device)
-        model = load_model(a.model, device=device, dtype=dtype)
-        name = str(a.model)
+        model = load_model(a.model, device=device, dtype=dtype, quantization=a.quantization)
+        name = str(a.model) + (f" ({a.quantization})" if a.quantization else "")
     else:
         dtype = resolve_dtype(a.dtype, {"torch_dtype": "bfloat16"}, device)
-        sizes = shape_bytes(a.shape, dtype, a.kv_heads)
-        require_memory(a.shape, dtype, device, sizes["experts"] + sizes["rest"], "its weights")
-        model = random_model(a.shape, device, dtype, a.kv_heads)
-        name = a.shape
+        need = _quantized_bytes(a.shape, a.quantization, a.kv_heads) if a.quantization else \
+            sum(shape_bytes(a.shape, dtype, a.kv_heads).values())
+        require_memory(a.shape, dtype, device, need, "its weights")
+        model = random_model(a.shape, device, dtype, a.kv_heads, quantization=a.quantization)
+        name = a.shape + (f" ({a.quantization})" if a.quantization else "")
     bw = measure_read_bandwidth(device)
     ceilings = {"read_bandwidth": bw["best"], **{f"read_bandwidth_{k}": v for k, v in bw.items() if k != "best"},
                 "matmul_flops": measure_matmul_flops(device, dtype)}
-    counts = model.parameter_counts()
+    counts = parameter_counts(model)
     wb = weight_bytes(model)
     header = {"model": name, "device": str(device), "device_name": device_name(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "stored_params": counts["stored"], "active_params": counts["active"],
@@ -371,6 +447,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", type=int, nargs="+", default=[128], help="prompt lengths to run, in tokens")
     p.add_argument("--output", type=int, default=64, help="tokens to decode per sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k_m"],
+                   help="quantize the weights in llama.cpp's type mix for the scheme (random shapes: allocated "
+                        "quantized and filled with random blocks)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="Llama shapes: also time transformers' generate on the same weights and report the ratio")
     p.add_argument("--torch-baseline", action="store_true",

@@ -109,6 +109,7 @@ class ChatSession:
         self.messages: list[dict] = []   # the whole conversation, without the system prompt
         self.start = 0                   # messages[start:] are in the prompt; older ones did not fit
         self.pending_parts: list = []    # content parts to send with the next user message
+        self.embeddings = None           # image/audio vectors of the last encoded prompt
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.after_answer = after_answer
 
@@ -143,7 +144,9 @@ class ChatSession:
 
     def encode(self, messages: list[dict]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.llm.tokenizer.encode_chat(system + messages)
+        # Images and audio (Megrez-3B-Omni) are encoded here; their vectors go with the prompt.
+        ids, self.embeddings = self.llm.encode_conversation(system + messages, check_length=False)
+        return ids
 
     def fit(self, message: dict) -> tuple[list[int], int]:
         """The prompt for ``message`` after the conversation, and the new ``start``: the oldest
@@ -174,7 +177,7 @@ class ChatSession:
         message = self.user_message(text)
         try:
             ids, start = self.fit(message)
-        except ContextError as e:
+        except ValueError as e:  # ContextError, or an image/audio file that cannot be used
             print(f"megrez: {e}", file=self.err, flush=True)
             return None
         dropped = sum(1 for m in self.messages[self.start:start] if m["role"] == "user")
@@ -213,7 +216,7 @@ class ChatSession:
             previous = signal.signal(signal.SIGINT, on_sigint)
             handler_set = True
         parts, finish, n = [], None, 0
-        outputs = self.llm.stream_outputs(ids, self.params)
+        outputs = self.llm.stream_outputs(ids, self.params, self.embeddings)
         try:
             for out in outputs:
                 if out.new_text:

@@ -3,7 +3,7 @@
     megrez generate "你好" --model DIR_OR_HUB_ID       one completion (chat template applied)
     megrez chat --model DIR_OR_HUB_ID                 interactive, streaming; /help lists its commands
     megrez info DIR_OR_HUB_ID                         layer layout, parameters, memory
-    megrez create-tiny OUT --arch moe|dense           a small random checkpoint
+    megrez create-tiny OUT --arch moe|dense|omni      a small random checkpoint
 
 Without ``--model``, the default model is used (see ``megrez.llm.default_model``).
 
@@ -120,6 +120,9 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     g.add_argument("--router-bias", default=None, choices=["own", "owner", "none"],
                    help="Megrez2: whose e_score_correction_bias each layer selects experts with "
                         "(own = llama.cpp; owner = SGLang demo; none = vLLM with the official patch)")
+    g.add_argument("--quantization", "-q", default=None, choices=["q8_0", "q4_0", "q4_k_m"],
+                   help="quantize the weights while loading (llama.cpp's block formats and mixes; q4_k_m: Q4_K with "
+                        "Q6_K for the sensitive tensors). A GGUF file's own types are used as they are")
     g.add_argument("--max-model-len", type=int, default=None, help="context length to allocate (default: model's)")
     g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", type=size_arg,
                    help="Megrez2: device memory to use (e.g. 6GiB); routed experts stay in host memory and "
@@ -162,7 +165,8 @@ def make_llm(a, max_num_seqs: int = 1, kv_cache_memory: int | None = None, **eng
         if a.threads < 1:
             raise ValueError("--threads must be at least 1")
         torch.set_num_threads(a.threads)
-    return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, max_model_len=a.max_model_len,
+    return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, quantization=a.quantization,
+               max_model_len=a.max_model_len,
                max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory, gpu_memory_budget=a.gpu_memory_budget,
                offload_policy=a.offload_policy, prefetch=not a.no_prefetch, **engine_options)
 
@@ -202,8 +206,35 @@ def report(llm, a, seconds: float) -> None:
               file=sys.stderr)
 
 
+def read_constraint(a) -> dict:
+    """--json-schema (inline JSON or a file) / --grammar (a Lark or GBNF file) as keyword
+    arguments for LLM.generate/stream."""
+    from pathlib import Path
+
+    if a.json_schema is not None and a.grammar is not None:
+        raise ValueError("give --json-schema or --grammar, not both")
+    def read(flag, path):
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag}: cannot read {path} ({e})") from None
+
+    if a.json_schema is not None:
+        text = a.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            text = read("--json-schema", text)
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema: not valid JSON ({e})") from None
+    if a.grammar is not None:
+        return {"grammar": read("--grammar", a.grammar)}
+    return {}
+
+
 def cmd_generate(a) -> int:
     params = sampling_from_args(a)
+    constraint = read_constraint(a)
     if a.prompt_ids is not None and a.prompt is not None:
         raise ValueError("give either PROMPT or --prompt-ids, not both")
     if a.prompt_ids is None and a.prompt is None:
@@ -224,13 +255,14 @@ def cmd_generate(a) -> int:
             {"role": "user", "content": a.prompt}]
         ids = llm.tokenizer.encode_chat(messages)
     if a.json:
-        out = llm.generate(ids, params)
+        out = llm.generate(ids, params, **constraint)
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
                           "prompt_tokens": out.prompt_tokens}, ensure_ascii=False))
         return 0
     start = time.perf_counter()
     last = None
-    for last in llm.stream_outputs(ids, params):
+    processors = llm.constraint_processors(**constraint) if constraint else None
+    for last in llm.stream_outputs(ids, params, processors=processors):
         if last.new_text:
             sys.stdout.write(last.new_text)
             sys.stdout.flush()
@@ -245,11 +277,25 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     from .chat import ChatSession, repl
+    from .multimodal.chat import default_omni_model, media_parts
+    from .multimodal.prompt import is_multimodal_model
 
     params = sampling_from_args(a)
+    media = media_parts(a.image, a.audio)  # also registers /image and /audio
+    if a.model is None and media:
+        a.model = default_omni_model()
     llm = make_llm(a)
+    if media and not is_multimodal_model(llm.model):
+        raise ValueError(f"--image/--audio need a Megrez-3B-Omni checkpoint; {llm.path} takes text only")
     announce_template(llm)
-    session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
+    if a.search:  # the search loop keeps its own history (calls and observations too)
+        from .search.cli import search_session
+
+        session = search_session(llm, a, params, system=a.system,
+                                 after_answer=lambda seconds: report(llm, a, seconds))
+    else:
+        session = ChatSession(llm, params, system=a.system, after_answer=lambda seconds: report(llm, a, seconds))
+    session.pending_parts = media
     if a.load:
         session.load(a.load)
     return repl(session)
@@ -260,17 +306,22 @@ def cmd_info(a) -> int:
 
     from .llm import default_model
     from .loading import checkpoint_shards, read_json, resolve_model_path
+    from .loading.gguf import GGUFCheckpoint, is_gguf
     from .models import build_model
     from .models.cache import KVCache
 
     path = resolve_model_path(a.model) if a.model is not None else default_model()
-    config = read_json(path / "config.json")
+    gguf_file = GGUFCheckpoint(path) if is_gguf(path) else None
+    config = gguf_file.config if gguf_file is not None else read_json(path / "config.json")
     with torch.device("meta"):
         model = build_model(config, source=str(path / "config.json"))
     args = model.args
     counts = model.parameter_counts()
     print(f"model        {path}")
-    print(f"architecture {type(model).__module__.rsplit('.', 1)[-1]} ({', '.join(config.get('architectures') or [])})")
+    kind = getattr(type(model), "hf_architecture", (None, type(model).__module__.rsplit(".", 1)[-1]))[1]
+    print(f"architecture {kind} ({', '.join(config.get('architectures') or [])})")
+    if "vision" in counts:  # Megrez-3B-Omni: the encoders beside the language model
+        print(f"encoders     vision {_count(counts['vision'])}, audio {_count(counts['audio'])} parameters")
     print(f"hidden {args.hidden_size}, heads {args.num_attention_heads} (KV {args.num_key_value_heads}, "
           f"head_dim {args.head_dim}), vocab {args.vocab_size}, context {args.max_position_embeddings}, "
           f"rope_theta {args.rope_theta:g}")
@@ -281,9 +332,22 @@ def cmd_info(a) -> int:
     for name, size in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
         print(f"weights      {name:9s} {format_bytes(counts['stored'] * size):>10s} stored, "
               f"{format_bytes(counts['active'] * size):>10s} read per token")
+    from .quant.recipe import QUANTIZED_SCHEMES, scheme_bytes
+
+    for scheme in QUANTIZED_SCHEMES:
+        stored, active = scheme_bytes(model, scheme)
+        print(f"weights      {scheme:9s} {format_bytes(stored):>10s} stored, {format_bytes(active):>10s} read per token"
+              f"{'  (--quantization ' + scheme + ')'}")
     kv = KVCache.bytes_per_token(*model.kv_layout(), torch.bfloat16)
     print(f"KV cache     {format_bytes(kv)} per token in bfloat16 "
           f"({format_bytes(kv * args.max_position_embeddings)} for one full-context sequence)")
+    if gguf_file is not None:
+        from collections import Counter
+
+        types = Counter(qtype.name for _, qtype, _ in gguf_file.tensors.values())
+        print(f"file         GGUF ({gguf_file.arch}), {format_bytes(path.stat().st_size)}; tensor types "
+              + ", ".join(f"{n} x{c}" for n, c in types.most_common()))
+        return 0
     shards = checkpoint_shards(path)
     print(f"files        {len(shards)} safetensors file(s), {format_bytes(sum(s.stat().st_size for s in shards))}")
     return 0
@@ -334,6 +398,7 @@ def cmd_create_tiny(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .chat import INPUT_HELP, commands_help
+    from .multimodal import chat as _media_commands  # noqa: F401  (registers /image and /audio)
 
     parser = Parser(prog="megrez", description="Run, serve and train Megrez models.")
     parser.add_argument("--version", action="version", version=f"megrez {__version__}")
@@ -346,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--json", action="store_true", help="print one JSON object with token_ids, text and finish_reason")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the answer to this JSON schema (inline JSON or a file)")
+    p.add_argument("--grammar", default=None, metavar="FILE",
+                   help="constrain the answer to a Lark grammar (or GBNF: rules written 'name ::= ...')")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
@@ -357,8 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=type("ChatHelp", (HelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--load", default=None, metavar="FILE", help="start from a conversation saved with /save")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach an image to the first message (repeatable; Megrez-3B-Omni models; "
+                        "without --model: the bundled omni model, where the package ships one); /image PATH in the chat")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="attach an audio file (wav, flac, mp3, m4a, ...) to the first message (repeatable); "
+                        "/audio PATH in the chat")
     add_model_args(p)
     add_sampling_args(p)
+    from .search.cli import add_search_args
+
+    add_search_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a checkpoint without loading its weights")
@@ -367,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-tiny", help="write a small random checkpoint in the official format")
     p.add_argument("out", help="output directory")
-    p.add_argument("--arch", default="moe", choices=["moe", "dense"],
+    p.add_argument("--arch", default="moe", choices=["moe", "dense", "omni"],
                    help="moe: a Megrez2 (MegrezMoeForCausalLM, shared experts, pre-gated); dense: a Llama like "
-                        "Megrez-3B-Instruct")
+                        "Megrez-3B-Instruct; omni: a MegrezO (Megrez-3B-Omni: Llama + SigLIP navit + Whisper encoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_create_tiny)
@@ -385,7 +463,7 @@ def _extra_commands():
 
     found = []
     for mod in ("megrez.server.cli", "megrez.bench", "megrez.bench_offload", "megrez.train.cli", "megrez.verify",
-                "megrez.eval.cli"):
+                "megrez.eval.cli", "megrez.quant.cli", "megrez.search.cli"):
         try:
             found.append(importlib.import_module(mod).register)
         except ModuleNotFoundError as e:

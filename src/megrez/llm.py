@@ -16,6 +16,7 @@ from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
 from .loading import load_model, resolve_model_path
+from .loading.gguf import tokenizer_path
 from .tokenizer import Tokenizer
 
 
@@ -26,6 +27,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[SampleResult] = field(default_factory=list)
+    tool_calls: list = field(default_factory=list)  # megrez.tools.ToolCall: id, name, arguments (JSON)
 
 
 def default_model() -> Path:
@@ -50,26 +52,58 @@ class LLM:
     ``gpu_memory_budget`` (e.g. "6GiB"; Megrez2 only) keeps the routed experts in host memory
     and caches them on the device within the budget, prefetching each layer's experts as soon
     as the pre-gate names them (``offload_policy``: "group" or "lru"; ``prefetch=False`` to
-    compare)."""
+    compare).
+
+    ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, in
+    llama.cpp's block formats (see :mod:`megrez.quant`)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
-                 router_bias: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 router_bias: str | None = None, quantization: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
                  offload_policy: str = "group", prefetch: bool = True, **engine_options):
         budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
-        self.tokenizer = Tokenizer(self.path)
+        self.tokenizer = Tokenizer(tokenizer_path(self.path))
         self.offload = None
         if budget is None:
-            self.model = load_model(self.path, device=device, dtype=dtype, **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, quantization=quantization, **overrides)
         else:
-            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu", **overrides)
+            self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu",
+                                    quantization=quantization, **overrides)
             self.offload, kv_cache_memory = plan_offload(self.model, budget, kv_cache_memory, offload_policy,
                                                          prefetch)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              kv_cache_memory=kv_cache_memory, **engine_options)
         self.engine.offload = self.offload
+        self._structured = None
+
+    @property
+    def structured(self):
+        """Tool calls and constrained output (megrez.structured), built on first use."""
+        if self._structured is None:
+            from .structured import Structured
+
+            self._structured = Structured(self.tokenizer, self.model.args.vocab_size)
+        return self._structured
+
+    def _constraint(self, json_schema=None, grammar: str | None = None, tools=None, tool_choice=None,
+                    parallel_tool_calls=None, response_format=None):
+        """(tool spec, plan) from the keyword arguments of generate/chat."""
+        from .grammar import json_schema_grammar, lark_grammar
+        from .structured import parse_response_format
+        from .tools import parse_tools
+
+        spec = parse_tools(tools, tool_choice, parallel_tool_calls)
+        if json_schema is not None and grammar is not None:
+            raise ValueError("give json_schema or grammar, not both")
+        text_grammar = None
+        if json_schema is not None:
+            text_grammar = json_schema_grammar(json_schema, "json_schema")
+        elif grammar is not None:
+            text_grammar = lark_grammar(grammar)
+        return spec, self.structured.plan(spec, parse_response_format(response_format), text_grammar,
+                                          "json_schema" if json_schema is not None else "grammar")
 
     # ------------------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt) -> list[int]:
@@ -88,21 +122,65 @@ class LLM:
         return single, batch, plist
 
     # ------------------------------------------------------------------------------ generation
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
-        """Complete raw prompts (text or token ids); a list in gives a list out."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 json_schema=None, grammar: str | None = None):
+        """Complete raw prompts (text or token ids); a list in gives a list out. ``json_schema``
+        (a dict) or ``grammar`` (Lark or GBNF text) constrains every answer."""
         single, batch, plist = self._batch(prompts, params)
-        return self._run([self.encode_prompt(p) for p in batch], plist, single)
+        plan = None
+        if json_schema is not None or grammar is not None:
+            plan = self._constraint(json_schema, grammar)[1]
+        return self._run([self.encode_prompt(p) for p in batch], plist, single, plan=plan)
 
-    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs):
-        """Answer a conversation (a list of {"role", "content"}), or a list of conversations."""
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, *, tools=None,
+             tool_choice=None, parallel_tool_calls=None, response_format=None, json_schema=None,
+             grammar: str | None = None, **template_kwargs):
+        """Answer a conversation (a list of {"role", "content"}), or a list of conversations.
+
+        ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format`` are OpenAI's:
+        the answer's ``tool_calls`` hold the calls the model made (its ``text`` the rest), and
+        ``role: "tool"`` messages carry results back. ``json_schema``/``grammar`` as for generate.
+
+        With a Megrez-3B-Omni checkpoint, content may be a list of parts -- text, images and
+        audio (``{"type": "image", "image": "cat.jpg"}``, ``{"type": "audio", "audio": "q.wav"}``,
+        OpenAI ``image_url``/``input_audio`` parts) -- or the official ``{"text", "image",
+        "audio"}`` dict (see ``megrez.multimodal.prompt``)."""
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else list(messages)
         plist = params if isinstance(params, list) else [params] * len(convs)
-        ids = [self.tokenizer.encode_chat(c, **template_kwargs) for c in convs]
-        return self._run(ids, plist, single)
+        plan = spec = None
+        if any(x is not None for x in (tools, tool_choice, response_format, json_schema, grammar)):
+            spec, plan = self._constraint(json_schema, grammar, tools, tool_choice, parallel_tool_calls,
+                                          response_format)
+        if spec is not None or any(m.get("role") == "tool" or m.get("tool_calls") for c in convs for m in c):
+            encoded = [(self.structured.chat_prompt(c, spec), None) for c in convs]
+        else:
+            encoded = [self.encode_conversation(c, **template_kwargs) for c in convs]
+        return self._run([ids for ids, _ in encoded], plist, single, [e for _, e in encoded], plan)
 
-    def _run(self, prompt_ids: list[list[int]], plist, single: bool):
-        reqs = [self.engine.add_request(ids, p) for ids, p in zip(prompt_ids, plist)]
+    def encode_conversation(self, messages, check_length: bool = True, **template_kwargs):
+        """(token ids, placeholder embeddings or None) of a conversation; images and audio
+        are encoded here (``check_length``: refuse media that leave no room in the context)."""
+        from .multimodal.prompt import has_media, prepare_chat
+
+        if not has_media(messages):
+            return self.tokenizer.encode_chat(messages, **template_kwargs), None
+        if getattr(self, "encoder_cache", None) is None:
+            from .multimodal.prompt import EncoderCache
+
+            self.encoder_cache = EncoderCache()
+        ids, embeddings, _ = prepare_chat(self.model, self.tokenizer, messages,
+                                          max_len=self.engine.max_model_len if check_length else None,
+                                          cache=self.encoder_cache, **template_kwargs)
+        return ids, embeddings
+
+    def _run(self, prompt_ids: list[list[int]], plist, single: bool, embeddings=None, plan=None):
+        embeddings = embeddings or [None] * len(prompt_ids)
+        if plan is not None:
+            plist = [plan.params((p or SamplingParams()).with_defaults(self.engine.generation_config))
+                     for p in plist]
+        reqs = [self.engine.add_request(ids, p, embeddings=e, logits_processors=plan.processors() if plan else None)
+                for ids, p, e in zip(prompt_ids, plist, embeddings)]
         collected = {r.request_id: [] for r in reqs}
         pending = set(collected)
         while pending:
@@ -113,25 +191,41 @@ class LLM:
                     pending.discard(out.request_id)
         results = [Completion(r.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids),
                               collected[r.request_id]) for r in reqs]
+        reader = plan.reader if plan is not None else None
+        for res in results:
+            calls = reader() if reader else None
+            if calls is not None:
+                msg, res.finish_reason = calls.message(res.text, res.finish_reason, (res.token_ids or [None])[-1])
+                res.text, res.tool_calls = msg["content"] or "", calls.calls
         return results[0] if single else results
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one completion as they are generated."""
-        return self._stream(self.encode_prompt(prompt), params)
+    def stream(self, prompt, params: SamplingParams | None = None, *, json_schema=None,
+               grammar: str | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are generated (constrained as in generate)."""
+        processors = None
+        if json_schema is not None or grammar is not None:
+            processors = self.constraint_processors(json_schema, grammar)
+        return self._stream(self.encode_prompt(prompt), params, processors=processors)
+
+    def constraint_processors(self, json_schema=None, grammar: str | None = None) -> list:
+        """Logits processors for one request that keep it to a JSON schema or a grammar."""
+        return self._constraint(json_schema, grammar)[1].processors()
 
     def chat_stream(self, messages, params: SamplingParams | None = None, **template_kwargs) -> Iterator[str]:
-        return self._stream(self.tokenizer.encode_chat(messages, **template_kwargs), params)
+        ids, embeddings = self.encode_conversation(messages, **template_kwargs)
+        return self._stream(ids, params, embeddings)
 
-    def _stream(self, ids: list[int], params) -> Iterator[str]:
-        for out in self.stream_outputs(ids, params):
+    def _stream(self, ids: list[int], params, embeddings=None, processors=None) -> Iterator[str]:
+        for out in self.stream_outputs(ids, params, embeddings, processors=processors):
             if out.new_text:
                 yield out.new_text
 
-    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream_outputs(self, ids: list[int], params: SamplingParams | None = None,
+                       embeddings=None, processors=None) -> Iterator[RequestOutput]:
         """Every engine step's output for one request (token ids, text delta, finish reason),
         text or not, so a caller can stop between any two steps. Closing the iterator early
-        cancels the request and frees its cache slot."""
-        req = self.engine.add_request(ids, params)
+        cancels the request and frees its cache slot. ``processors``: its logits processors."""
+        req = self.engine.add_request(ids, params, embeddings=embeddings, logits_processors=processors)
         self.last_request = req
         try:
             while True:

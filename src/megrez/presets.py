@@ -21,6 +21,12 @@ _LLAMA = {
     "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
 }
 
+_SIGLIP_400M = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                "num_hidden_layers": 27, "num_attention_heads": 16, "num_channels": 3, "image_size": 980,
+                "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_WHISPER_LARGE = {"n_mels": 128, "n_ctx": 1500, "n_state": 1280, "n_head": 20, "n_layer": 32, "output_dim": 2560,
+                  "avg_pool": True, "add_audio_bos_eos_token": True}
+
 PRESETS: dict[str, dict] = {
     # Unit tests and smoke runs: seconds on a CPU.
     "megrez2-test": {**_MEGREZ2, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
@@ -65,6 +71,22 @@ PRESETS: dict[str, dict] = {
     "megrez-3b": {**_LLAMA, "vocab_size": 122880, "hidden_size": 2560, "intermediate_size": 7168,
                   "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 10,
                   "max_position_embeddings": 32768, "rope_theta": 5_000_000.0, "rms_norm_eps": 1e-5},
+    # Megrez-3B-Omni (MegrezO): the Megrez-3B LLM at 4K context, SigLIP-400M navit, Whisper-large-v3 encoder.
+    "megrez-3b-omni": {**_LLAMA, "architectures": ["MegrezO"], "model_type": "megrezo", "vocab_size": 122880,
+                       "hidden_size": 2560, "intermediate_size": 7168, "num_hidden_layers": 32,
+                       "num_attention_heads": 40, "num_key_value_heads": 10, "max_position_embeddings": 4096,
+                       "rope_theta": 5_000_000.0, "rms_norm_eps": 1e-5, "query_num": 64, "patch_size": 14,
+                       "vision_batch_size": 8, "drop_vision_last_layer": False,
+                       "vision_config": _SIGLIP_400M, "audio_config": _WHISPER_LARGE},
+    # Tests, and `megrez create-tiny --arch omni`: the same structure at test size.
+    "megrezo-test": {**_LLAMA, "architectures": ["MegrezO"], "model_type": "megrezo", "vocab_size": 1024,
+                     "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+                     "rms_norm_eps": 1e-5, "query_num": 16, "patch_size": 14, "vision_batch_size": 8,
+                     "drop_vision_last_layer": False,
+                     "vision_config": {**_SIGLIP_400M, "hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4},
+                     "audio_config": {**_WHISPER_LARGE, "n_state": 64, "n_head": 4, "n_layer": 2, "output_dim": 256}},
     # Tests, and `megrez create-tiny --arch dense`.
     "llama-test": {**_LLAMA, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,

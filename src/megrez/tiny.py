@@ -15,6 +15,9 @@ from .models import build_model
 from .presets import PRESETS
 from .tokenizer import MEGREZ_CHAT_TEMPLATE, MEGREZ_SPECIAL_TOKENS
 
+# The placeholder and delimiter tokens of Megrez-3B-Omni prompts (megrez.multimodal.prompt).
+OMNI_SPECIAL_TOKENS = ["<|unk|>", "<image>", "</image>", "<slice>", "</slice>", "<audio>", "</audio>"]
+
 # A fixed bilingual text, so the tokenizer (and thus every tiny checkpoint) is the same on
 # every machine.
 TOKENIZER_CORPUS = """\
@@ -36,27 +39,28 @@ Question: what is the capital of France? Answer: Paris. Please reason step by st
 """
 
 # The shapes of `megrez create-tiny --arch moe|dense` (see megrez.presets).
-TINY_PRESETS = {"moe": "megrez2-mini", "dense": "llama-test"}
+TINY_PRESETS = {"moe": "megrez2-mini", "dense": "llama-test", "omni": "megrezo-test"}
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int):
+def train_tokenizer(corpus: list[str], vocab_size: int, special_tokens: list[str] | None = None):
     """A byte-level BPE (any UTF-8 text round-trips) with the Megrez special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=MEGREZ_SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens or MEGREZ_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     return tok
 
 
-def tokenizer_files(tok, model_max_length: int) -> dict[str, str]:
+def tokenizer_files(tok, model_max_length: int, special_tokens: list[str] | None = None) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and generation_config.json contents."""
     eos, turn_end = tok.token_to_id("<|eos|>"), tok.token_to_id("<|turn_end|>")
     added = {str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                       "normalized": False, "single_word": False} for t in MEGREZ_SPECIAL_TOKENS}
+                                       "normalized": False, "single_word": False}
+             for t in special_tokens or MEGREZ_SPECIAL_TOKENS}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
         "eos_token": "<|turn_end|>", "pad_token": "<|eos|>", "bos_token": None,
@@ -77,7 +81,8 @@ def create_tiny(out: str | Path, arch: str = "moe", seed: int = 0, vocab_size: i
     """Write a random checkpoint of the tiny ``arch`` shape (``overrides`` change config keys)."""
     if arch not in TINY_PRESETS:
         raise ValueError(f"arch must be one of {', '.join(TINY_PRESETS)}, got {arch!r}")
-    tok = train_tokenizer(tokenizer_corpus or TOKENIZER_CORPUS.splitlines(), vocab_size)
+    special = MEGREZ_SPECIAL_TOKENS + (OMNI_SPECIAL_TOKENS if arch == "omni" else [])
+    tok = train_tokenizer(tokenizer_corpus or TOKENIZER_CORPUS.splitlines(), vocab_size, special)
     eos, turn_end = tok.token_to_id("<|eos|>"), tok.token_to_id("<|turn_end|>")
     config = {**PRESETS[TINY_PRESETS[arch]], "vocab_size": tok.get_vocab_size(), "bos_token_id": None,
               "eos_token_id": turn_end, "pad_token_id": eos, "torch_dtype": "float32", **(overrides or {})}
@@ -97,4 +102,4 @@ def create_tiny(out: str | Path, arch: str = "moe", seed: int = 0, vocab_size: i
                 b.copy_(0.2 * torch.randn(b.shape, generator=gen))
     model.hf_config = config
     return save_model(model, out, dtype=torch.float32,
-                      extra_files=tokenizer_files(tok, config["max_position_embeddings"]))
+                      extra_files=tokenizer_files(tok, config["max_position_embeddings"], special))

@@ -78,6 +78,9 @@ class Tokenizer:
         self.chat_template_source = "tokenizer_config.json" if template else "built-in Megrez format"
         self.chat_template = template or MEGREZ_CHAT_TEMPLATE
         self._template = _compile_template(self.chat_template, path / "tokenizer_config.json")
+        # A template that reads ``tools`` renders tool definitions and calls itself; otherwise
+        # megrez.tools writes them in the Megrez format.
+        self.template_takes_tools = "tools" in _template_variables(self.chat_template)
 
         self.bos_token = _token_content(self.config.get("bos_token"))
         self.eos_token = _token_content(self.config.get("eos_token"))
@@ -199,6 +202,13 @@ def _compile_template(source: str, where: Path):
         return env.from_string(source)
     except TemplateError as e:
         raise TokenizerError(f"{where}: chat_template is not a valid jinja2 template ({e})") from None
+
+
+def _template_variables(source: str) -> set[str]:
+    from jinja2 import Environment, meta
+    from jinja2.ext import loopcontrols
+
+    return meta.find_undeclared_variables(Environment(extensions=[loopcontrols]).parse(source))
 
 
 def _read_optional_json(path: Path) -> dict:

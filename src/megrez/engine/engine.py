@@ -26,7 +26,7 @@ import torch
 from ..models.cache import KVCache
 from ..tokenizer import Tokenizer
 from .blocks import BlockPool
-from .sampling import SampleResult, SamplingParams, make_generator, sample_row, token_logprobs
+from .sampling import LogitsProcessor, SampleResult, SamplingParams, make_generator, sample_row, token_logprobs
 
 log = logging.getLogger("megrez.engine")
 
@@ -82,6 +82,10 @@ class Request:
     cached_tokens: int = 0
     prompt_logprobs: list | None = None
     _prompt_logprobs_sent: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # (position, [n, hidden] vectors): rows of the prompt's token embeddings to overwrite
+    # (image and audio features of multimodal prompts); shared, never modified.
+    embeddings: list | None = None
 
     @property
     def history_ids(self) -> list[int]:
@@ -157,9 +161,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt=None) -> Request:
+                    request_id: str | None = None, cache_salt=None, embeddings: list | None = None,
+                    logits_processors: list[LogitsProcessor] | None = None) -> Request:
         """Queue a generation. ``cache_salt`` (hashable) keeps the prompt's cached blocks apart
-        from those of equal token ids computed from other inputs (e.g. image embeddings)."""
+        from those of equal token ids computed from other inputs. ``embeddings`` is a list of
+        ``(position, vectors [n, hidden])``: prefill uses those vectors in place of the token
+        embeddings of prompt positions ``position .. position + n - 1`` (image and audio
+        features); unless a salt is given, their digest salts the prompt's cache blocks.
+        ``logits_processors`` belong to this request alone (each call needs its own: they may
+        keep state); the engine closes them when the request ends."""
         params = (params or SamplingParams()).with_defaults(self.generation_config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
@@ -179,14 +189,23 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > vocab:
                 raise ValueError(f"{name}: at most the vocabulary size ({vocab})")
+        for pos, vec in embeddings or []:
+            if not (vec.dim() == 2 and vec.shape[1] == self.model.args.hidden_size and 0 <= pos
+                    and pos + vec.shape[0] <= n):
+                raise ValueError(f"embeddings at position {pos} with shape {list(vec.shape)} do not fit a prompt "
+                                 f"of {n} tokens and hidden size {self.model.args.hidden_size}")
+        if embeddings and cache_salt is None:
+            cache_salt = embeddings_digest(embeddings)
         with self._lock:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"waiting queue is full ({self.max_waiting} requests)")
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device),
-                          self.tokenizer.detokenizer() if self.tokenizer else _NoText(), cache_salt=cache_salt)
+            detok = self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else _NoText()
+            req = Request(rid, list(prompt_ids), params, make_generator(params.seed, self.device), detok,
+                          cache_salt=cache_salt, embeddings=list(embeddings) if embeddings else None,
+                          logits_processors=list(logits_processors or []))
             self.requests[rid] = req
             self.waiting.append(req)
         return req
@@ -366,12 +385,15 @@ class Engine:
             tokens = tokens.to(self.device)
             view = self.cache.view(starts, width, [r.block_table for r in active], counts)
             last = torch.tensor(counts, device=self.device) - 1
+            embeds = self._row_embeddings(active, tokens, starts)
+            if embeds is not None:
+                tokens = None  # the model reads the embeddings instead
             if every_position:
-                out = self.model(tokens, view).float()                    # [B, T, V]
+                out = self.model(tokens, view, input_embeddings=embeds).float()  # [B, T, V]
                 last_logits = out[torch.arange(len(active), device=self.device), last]
                 self._record_prompt_logprobs(active[0], out[0, :counts[0]], starts[0])
             else:
-                last_logits = self.model(tokens, view, logits_at=last).float()
+                last_logits = self.model(tokens, view, input_embeddings=embeds, logits_at=last).float()
             for b, r in enumerate(active):
                 r.num_computed += counts[b]
                 self.stats["prefill_tokens"] += counts[b]
@@ -387,6 +409,20 @@ class Engine:
             return
         lp = logits[: upto - start].log_softmax(-1)
         req.prompt_logprobs += token_logprobs(lp, req.prompt_ids[start + 1:upto + 1], req.params.prompt_logprobs)
+
+    def _row_embeddings(self, reqs, tokens: torch.Tensor, starts: list[int]) -> torch.Tensor | None:
+        """Token embeddings of a prefill pass with the requests' own vectors written over
+        their positions (row b covers positions starts[b]..); None when no row brings any."""
+        if not any(r.embeddings for r in reqs):
+            return None
+        h = self.model.embed(tokens)
+        for b, r in enumerate(reqs):
+            start, end = starts[b], starts[b] + tokens.shape[1]
+            for pos, vec in r.embeddings or []:
+                lo, hi = max(pos, start), min(pos + vec.shape[0], end)
+                if lo < hi:
+                    h[b, lo - start:hi - start] = vec[lo - pos:hi - pos].to(h.device, h.dtype)
+        return h
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         tokens = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
@@ -422,6 +458,8 @@ class Engine:
                     req.first_token_time = now
                 req.output_ids.append(sample.token)
                 self.stats["generation_tokens"] += 1
+                for processor in req.logits_processors:
+                    processor.accept(sample.token)
                 outs.append(self._append_token(req, sample))
             except Exception as e:  # this request alone: the others in the batch go on
                 outs.append(self._fail(req, e))
@@ -485,6 +523,8 @@ class Engine:
             self.blocks.release(req.block_table)
             req.block_table = []
         self.requests.pop(req.request_id, None)
+        for processor in req.logits_processors:
+            processor.close()
         self.stats["requests_finished"] += 1
 
     # ------------------------------------------------------------------------------ offline
@@ -503,6 +543,19 @@ def _computes_next_block(other: Request, tokens: list[int], hit_blocks: int, sal
     if other.cache_salt != salt or end > len(tokens) - 1 or end > other.num_tokens:
         return False
     return other.num_computed < end and other.tokens(0, end) == tokens[:end]
+
+
+def embeddings_digest(embeddings: list) -> tuple:
+    """A cache salt naming the vectors of a multimodal prompt by content, so equal images
+    share cached blocks and different ones never do."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for pos, vec in embeddings:
+        v = vec.detach().to("cpu").contiguous()
+        h.update(f"{pos}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.dtype == torch.bfloat16 else v.numpy().tobytes())
+    return ("embeddings", h.hexdigest())
 
 
 class _NoText:

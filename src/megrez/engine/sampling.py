@@ -41,6 +41,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top-k
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top-k
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    skip_special_tokens: bool = True  # False: special tokens (e.g. <|function_start|>) stay in the text
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -117,6 +118,24 @@ class SamplingParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class LogitsProcessor:
+    """A per-request hook on the logits each step samples from: a logit bias, a grammar's
+    token mask. ``__call__`` edits the request's row of logits in place (float64, after any
+    ``logit_bias``), before penalties
+    and temperature (logprobs stay those of the model); ``accept`` is told each token the
+    request sampled, so a stateful processor can advance and start preparing its next mask
+    while the next forward pass runs; ``close`` is called once when the request ends."""
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed % (2 ** 64))
@@ -175,13 +194,16 @@ class SampleResult:
 
 def sample_row(logits: torch.Tensor, r, logprobs: torch.Tensor | None = None) -> SampleResult:
     """One request's next token. ``logits`` [V] (the model's, any float dtype); ``r`` has
-    ``params`` (filled), ``generator``, ``history_ids`` and ``output_ids``; ``logprobs`` [V] is
-    the row's log-softmax when the request asked for logprobs."""
+    ``params`` (filled), ``generator``, ``history_ids``, ``output_ids`` and (optionally)
+    ``logits_processors``; ``logprobs`` [V] is the row's log-softmax when the request asked for
+    logprobs."""
     p = r.params
     row = logits.double()  # a copy: the batch's logits stay untouched
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+    for processor in getattr(r, "logits_processors", ()):
+        processor(row)
     if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         before = row.clone()
         device = row.device

@@ -41,6 +41,14 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     return tqdm(total=total, desc=desc, unit="answer", dynamic_ncols=True, mininterval=1.0, disable=not enabled)
 
 
+class BackendError(ValueError):
+    """The server cannot be reached or refused a request; the message names the URL."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class EngineBackend:
     """Generation on an :class:`~megrez.engine.Engine`: every request is queued (as many as the
     engine's waiting queue allows) and the engine's continuous batching runs them."""
@@ -72,9 +80,14 @@ class EngineBackend:
         try:
             while queued < len(requests) or by_id:
                 while queued < len(requests) and len(engine.waiting) < window:
-                    req = engine.add_request(ids[queued], requests[queued].params, request_id=f"{tag}-{queued}")
-                    by_id[req.request_id] = queued
-                    acc[req.request_id] = ([], [], [])
+                    try:
+                        req = engine.add_request(ids[queued], requests[queued].params, request_id=f"{tag}-{queued}")
+                    except ValueError as e:  # e.g. a prompt longer than the context: this answer fails alone
+                        results[queued] = Generation("", f"error: {e}", [], ids[queued])
+                        bar.update(1)
+                    else:
+                        by_id[req.request_id] = queued
+                        acc[req.request_id] = ([], [], [])
                     queued += 1
                 for out in engine.step():
                     i = by_id.get(out.request_id)
@@ -127,14 +140,14 @@ class OpenAIBackend:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")[:500]
-            raise RuntimeError(f"{self.url}{path}: HTTP {e.code}: {detail}") from None
+            raise BackendError(f"{self.url}{path}: HTTP {e.code}: {detail}", e.code) from None
         except urllib.error.URLError as e:
-            raise RuntimeError(f"{self.url}{path}: cannot connect ({e.reason})") from None
+            raise BackendError(f"{self.url}{path}: cannot connect ({e.reason})") from None
 
     def _first_model(self) -> str:
         models = self._post("/models").get("data") or []
         if not models:
-            raise RuntimeError(f"{self.url}/models lists no model; pass --served-model")
+            raise BackendError(f"{self.url}/models lists no model; pass --served-model")
         return models[0]["id"]
 
     def _one(self, req: GenRequest) -> Generation:
@@ -145,6 +158,14 @@ class OpenAIBackend:
             body["seed"] = p.seed % (2 ** 63)
         if p.stop:
             body["stop"] = p.stop
+        try:
+            return self._request(req, body)
+        except BackendError as e:
+            if e.status is not None and 400 <= e.status < 500:  # refused this request only: it fails alone
+                return Generation("", f"error: {e}")
+            raise
+
+    def _request(self, req: GenRequest, body: dict) -> Generation:
         if req.messages is not None:
             r = self._post("/chat/completions", {**body, "messages": req.messages})
             choice = r["choices"][0]

@@ -86,6 +86,8 @@ def summarize(per_item: list[list[float]], ks: tuple[int, ...] = (1,), confidenc
             if k <= n_min:
                 vals = [pass_at_k(len(item), int(sum(item)), k) for item in per_item]
                 mean, lo, hi = mean_interval(vals, confidence)
+                if per_sample_count == {1}:  # one answer each: pass@1 is the accuracy, Wilson's interval
+                    lo, hi = out["ci_low"], out["ci_high"]
                 out[f"pass@{k}"] = mean
                 out[f"pass@{k}_ci"] = [lo, hi]
     return out

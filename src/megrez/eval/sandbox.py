@@ -27,7 +27,7 @@ CHILD = Path(__file__).with_name("sandbox_child.py")
 STARTUP_SECONDS = 2.0  # interpreter start and confinement, before the program's own time
 
 
-class SandboxError(RuntimeError):
+class SandboxError(ValueError):
     """The sandbox cannot be set up on this machine (the message says what is missing)."""
 
 

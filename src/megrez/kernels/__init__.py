@@ -1,99 +1,73 @@
 """CPU kernels for decoding: ``x @ W^T`` (and the fused SwiGLU gate/up product) with float32
-or bfloat16 weights when ``x`` has at most 8 rows. Decoding is memory-bound, and BLAS libraries handle these shapes
-poorly on many CPUs (MKL reaches about half the memory bandwidth on AMD machines); the small C
-file beside this module streams each weight row once for all rows of ``x``.
+or bfloat16 weights when ``x`` has at most 8 rows, and products with quantized weights
+(:class:`megrez.quant.QuantTensor`, ggml's block formats) at any number of rows. Decoding is
+memory-bound, and BLAS libraries handle these shapes poorly on many CPUs (MKL reaches about half
+the memory bandwidth on AMD machines); the C files beside this module stream each weight row
+once for all rows of ``x``.
 
-The C file is compiled once per machine with the system C compiler (about a second) into
-``~/.cache/megrez/kernels`` and loaded with ctypes. Without a compiler or AVX2/FMA, or with
-``MEGREZ_CPU_KERNELS=0``, :func:`linear` and :func:`swiglu` use torch; the results differ only
-in floating-point summation order. Products accumulate in float32 and are rounded to the
-input's dtype at the end, as torch's do. Only inference uses the kernels (no autograd).
+The C files are compiled once per machine and instruction-set variant with the system C
+compiler (a few seconds) into ``~/.cache/megrez/kernels`` and loaded with ctypes; the variant is
+chosen from the CPU's features at load (``build.py``). Without a compiler, or with
+``MEGREZ_CPU_KERNELS=0``, :func:`linear` and :func:`swiglu` use torch (the results differ only
+in floating-point summation order) and quantized products dequantize and use torch (slower,
+said once on stderr). Float products accumulate in float32 and are rounded to the input's
+dtype at the end, as torch's do. Only inference uses the kernels (no autograd).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..quant.formats import QuantTensor
+from . import build
 
-SOURCE = Path(__file__).with_name("small_m.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8
 
 _lib = None
 _state = "untried"  # untried | loaded | unavailable
 reason = ""
+variant = ""     # the instruction-set variant loaded (build.VARIANTS)
 enabled = True  # switched off to measure torch's own path (benchmarks)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MEGREZ_CACHE") or Path.home() / ".cache" / "megrez"
-    return Path(root) / "kernels"
-
-
-def _cpu_ok() -> bool:
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    except Exception:
-        return False
 
 
 def load():
     """The compiled library, compiling it on first use; None when unavailable."""
-    global _lib, _state, reason
+    global _lib, _state, reason, variant
     if _state != "untried":
         return _lib
     _state = "unavailable"
     if os.environ.get("MEGREZ_CPU_KERNELS", "1") == "0":
         reason = "disabled by MEGREZ_CPU_KERNELS=0"
         return None
-    if not _cpu_ok():
-        reason = "the CPU lacks AVX2/FMA"
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        reason = "no C compiler (cc) found"
-        return None
-    if not SOURCE.is_file():
-        reason = f"{SOURCE} is missing from the installation"
-        return None
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"small_m-{tag}.so"
     try:
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
-                               text=True, timeout=120)
-                os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        reason = f"compiling {SOURCE.name} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
-        print(f"megrez: CPU decode kernels unavailable ({reason}); using torch's matmul", file=sys.stderr)
+        variant, lib = build.choose()
+    except build.BuildError as e:
+        reason = str(e)
+        if build.compiler() is not None:  # a broken toolchain is worth saying; a missing one is said by the users
+            print(f"megrez: CPU kernels unavailable ({reason}); using torch", file=sys.stderr)
         return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    c_int = ctypes.c_int
-    lib.megrez_grouped.argtypes = [c_int, c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
-    lib.megrez_linear.argtypes = [c_int, ptr, ptr, ptr, i64, i64, i64]
-    lib.megrez_swiglu.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, i64]
-    lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    if lib_has_float_kernels(lib):
+        lib.megrez_grouped.argtypes = [c_int, c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+        lib.megrez_linear.argtypes = [c_int, ptr, ptr, ptr, i64, i64, i64]
+        lib.megrez_swiglu.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, i64]
+        lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
+    quantized.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
+
+
+def lib_has_float_kernels(lib) -> bool:
+    return hasattr(lib, "megrez_linear")
+
+
+def _float_lib():
+    lib = load()
+    return lib if lib is not None and lib_has_float_kernels(lib) else None
 
 
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -119,6 +93,13 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
     float32 results."""
     if len(items) > 64:  # the kernel's bound on products per call
         return _run(lib, swiglu, items[:64]) + _run(lib, swiglu, items[64:])
+    widths = {w1.shape[1] for _, w1, _ in items}
+    if len(widths) > 1:  # one call shares K: one call per K (e.g. routed and shared experts' down)
+        outs = {}
+        for width in widths:
+            idx = [i for i, (_, w1, _) in enumerate(items) if w1.shape[1] == width]
+            outs.update(zip(idx, _run(lib, swiglu, [items[i] for i in idx])))
+        return [outs[i] for i in range(len(items))]
     g = len(items)
     k = items[0][1].shape[1]
     outs = [torch.empty(x.shape[0], w1.shape[0], dtype=torch.float32) for x, w1, _ in items]
@@ -138,9 +119,8 @@ def _run(lib, swiglu: bool, items: list[tuple]) -> list[torch.Tensor]:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the decode kernel where it applies."""
     if isinstance(weight, QuantTensor):
-        from . import quantized
         return quantized.linear(x, weight, bias)
-    if not _eligible(x, weight) or (lib := load()) is None:
+    if not _eligible(x, weight) or (lib := _float_lib()) is None:
         return F.linear(x, weight, bias)
     n, k = weight.shape
     xc = _rows(x)
@@ -153,10 +133,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | None = None) -> list[torch.Tensor]:
     """``[F.linear(x, w, b) for w, b in ...]`` in one kernel call (e.g. Q, K and V)."""
     if isinstance(weights[0], QuantTensor):
-        from . import quantized
         return quantized.linear_many(x, weights, biases)
     biases = biases or [None] * len(weights)
-    if not _eligible(x, *weights) or (lib := load()) is None:
+    if not _eligible(x, *weights) or (lib := _float_lib()) is None:
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
     xc = _rows(x)
     outs = [o.view(*x.shape[:-1], o.shape[-1]).to(x.dtype) for o in _run(lib, False, [(xc, w, None) for w in weights])]
@@ -166,9 +145,8 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list | Non
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(x @ gate^T) * (x @ up^T)``, fused in the decode kernel where it applies."""
     if isinstance(gate, QuantTensor):
-        from . import quantized
         return quantized.swiglu(x, gate, up)
-    if not _eligible(x, gate, up) or (lib := load()) is None:
+    if not _eligible(x, gate, up) or (lib := _float_lib()) is None:
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     n, k = gate.shape
     xc = _rows(x)
@@ -182,12 +160,14 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each,
     all experts in two kernel calls when every segment has at most 8 rows."""
     if segments and isinstance(segments[0][1], QuantTensor):
-        from . import quantized
         return quantized.experts_swiglu(segments)
-    if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := load()) is not None:
+    if segments and all(_eligible(x, g, u, d) for x, g, u, d in segments) and (lib := _float_lib()) is not None:
         dtype = segments[0][0].dtype
         hs = _run(lib, True, [(_rows(x), g, u) for x, g, u, _ in segments])
         # The intermediate is rounded to the compute dtype between the two products, as in torch.
         hs = [h.to(dtype).to(torch.float32) for h in hs]
         return [y.to(dtype) for y in _run(lib, False, [(h, d, None) for h, (_, _, _, d) in zip(hs, segments)])]
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
+
+
+from . import quantized  # noqa: E402  (it reads this module's state at call time)

@@ -1,31 +1,206 @@
 """Products with quantized weights (:class:`megrez.quant.QuantTensor`): the functions in
 ``megrez.kernels`` route here when a weight is quantized.
 
-Reference path: dequantize to float32, then torch. The SIMD kernels replace it where they apply;
-every kernel is tested against this path.
+The C kernels (quantized.c) quantize the activations to 8 bits per block, as llama.cpp does,
+and compute integer dot products against the weights where they lie; every product of a layer
+step (Q/K/V, gate/up, all selected experts and their down projections) runs in one parallel
+call. Each output row is computed in one fixed order whatever the number of rows or the other
+rows, so results are batch-invariant, and every instruction-set variant gives the scalar
+reference's bits.
+
+Reference path, where the kernels are unavailable (no C compiler, ``MEGREZ_CPU_KERNELS=0``) or
+autograd needs the product: dequantize to float32, then torch. It keeps the activations in
+float32, so its results differ from the kernels' by the activation rounding (see
+tests/test_quantized_kernels.py for the bound); it is said once on stderr.
 """
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import QuantTensor
+from .. import kernels as _kernels  # the package (initialising while it imports this module)
+from ..quant.formats import QType, QuantTensor
+
+KERNEL_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K)
+PLAIN_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+MAX_PRODUCTS = 256  # per stage of one kernel call (quantized.c)
+
+
+class Product(ctypes.Structure):
+    """quantized.c's ``mz_product``."""
+    _fields_ = [("x", ctypes.c_void_p), ("m", ctypes.c_int64), ("w1", ctypes.c_void_p), ("w2", ctypes.c_void_p),
+                ("qtype", ctypes.c_int32), ("swiglu", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("y", ctypes.c_void_p)]
+
+
+def declare(lib) -> None:
+    """ctypes signatures of quantized.c's entry points."""
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.megrez_q_products.argtypes = [i64, ptr, i64, ptr]
+    lib.megrez_q_reference.argtypes = [ptr]
+    lib.megrez_q_quantize_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr]
+    lib.megrez_q_dequantize.argtypes = [c_int, ptr, i64, i64, ptr]
+    for f in (lib.megrez_q_products, lib.megrez_q_reference, lib.megrez_q_quantize_rows, lib.megrez_q_dequantize):
+        f.restype = c_int
+
+
+_announced = False
+
+
+def _kernel_lib(x: torch.Tensor, *weights: QuantTensor):
+    """The library when the kernels apply to this product, else None (reference path)."""
+    if not (_kernels.enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if not all(w.qtype in KERNEL_TYPES and w.device.type == "cpu" and w.is_contiguous() for w in weights):
+        return None
+    lib = _kernels.load()
+    if lib is None:
+        _announce()
+    return lib
+
+
+def _announce() -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        print(f"megrez: quantized CPU kernels unavailable ({_kernels.reason}); dequantizing weights for torch instead "
+              "(slower)", file=sys.stderr)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+
+
+def _check(x: torch.Tensor, w: QuantTensor) -> None:
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"cannot multiply x [..., {x.shape[-1]}] by a {w.qtype.name} weight of shape {list(w.shape)}")
+
+
+def _product(x: torch.Tensor, w1: QuantTensor, w2: QuantTensor | None = None) -> tuple[Product, torch.Tensor]:
+    """A kernel product for float32 rows x [M, K] and its output [M, N]."""
+    _check(x, w1)
+    n, k = w1.shape
+    y = torch.empty(x.shape[0], n)
+    p = Product(x.data_ptr(), x.shape[0], w1.data.data_ptr(), 0 if w2 is None else w2.data.data_ptr(), int(w1.qtype),
+                int(w2 is not None), n, k, y.data_ptr())
+    return p, y
+
+
+def _run(lib, stage1: list[Product], stage2: list[Product] = ()) -> None:
+    if len(stage1) > MAX_PRODUCTS or len(stage2) > MAX_PRODUCTS:
+        raise ValueError(f"at most {MAX_PRODUCTS} products per kernel call")
+    a = (Product * len(stage1))(*stage1)
+    b = (Product * len(stage2))(*stage2) if stage2 else None
+    rc = lib.megrez_q_products(len(stage1), a, len(stage2), b)
+    if rc != 0:
+        raise RuntimeError(f"megrez_q_products failed ({rc}): invalid product shapes or out of memory")
+
+
+def _plain(w: QuantTensor) -> torch.Tensor:
+    """An unquantized QuantTensor (F32/F16/BF16) as the torch tensor it is."""
+    return w.data.view(PLAIN_TYPES[w.qtype]).view(w.shape)
 
 
 def linear(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
-    return y.to(x.dtype)
+    if weight.qtype in PLAIN_TYPES:
+        return _kernels.linear(x, _plain(weight), bias)
+    if (lib := _kernel_lib(x, weight)) is None:
+        y = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
+        return y.to(x.dtype)
+    xr = _rows(x)
+    p, y = _product(xr, weight)
+    _run(lib, [p])
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return (y + bias if bias is not None else y).to(x.dtype)
 
 
 def linear_many(x: torch.Tensor, weights: list[QuantTensor], biases: list | None = None) -> list[torch.Tensor]:
+    """Several products of one x (Q, K and V) in one kernel call."""
     biases = biases or [None] * len(weights)
-    return [linear(x, w, b) for w, b in zip(weights, biases)]
+    quantized = [isinstance(w, QuantTensor) and w.qtype in KERNEL_TYPES for w in weights]
+    if not all(quantized) or (lib := _kernel_lib(x, *weights)) is None:
+        return [_kernels.linear(x, w, b) for w, b in zip(weights, biases)]
+    xr = _rows(x)
+    products = [_product(xr, w) for w in weights]
+    _run(lib, [p for p, _ in products])
+    outs = [y.view(*x.shape[:-1], y.shape[-1]) for _, y in products]
+    return [(o + b if b is not None else o).to(x.dtype) for o, b in zip(outs, biases)]
 
 
 def swiglu(x: torch.Tensor, gate: QuantTensor, up: QuantTensor) -> torch.Tensor:
-    xf = x.float()
-    return (F.silu(F.linear(xf, gate.dequantize())) * F.linear(xf, up.dequantize())).to(x.dtype)
+    if gate.qtype != up.qtype or gate.qtype not in KERNEL_TYPES or (lib := _kernel_lib(x, gate, up)) is None:
+        xf = x.float()
+        return (F.silu(_kernels.linear(xf, gate)) * _kernels.linear(xf, up)).to(x.dtype)
+    xr = _rows(x)
+    p, h = _product(xr, gate, up)
+    _run(lib, [p])
+    return h.view(*x.shape[:-1], h.shape[-1]).to(x.dtype)
 
 
 def experts_swiglu(segments: list[tuple[torch.Tensor, QuantTensor, QuantTensor, QuantTensor]]) -> list[torch.Tensor]:
-    return [linear(swiglu(x, g, u), d) for x, g, u, d in segments]
+    """For experts (x [M, H], gate [I, H], up [I, H], down [H, I]): ``swiglu(x) @ down^T`` each, all
+    experts in one kernel call (gate/up products, then the down products on their results)."""
+    if not segments:
+        return []
+    ws = [w for _, g, u, d in segments for w in (g, u, d)]
+    if (any(g.qtype != u.qtype for _, g, u, _ in segments) or not all(w.qtype in KERNEL_TYPES for w in ws)
+            or (lib := _kernel_lib(segments[0][0], *ws)) is None):
+        return [linear(swiglu(x, g, u), d) for x, g, u, d in segments]
+    if len(segments) > MAX_PRODUCTS:
+        return experts_swiglu(segments[:MAX_PRODUCTS]) + experts_swiglu(segments[MAX_PRODUCTS:])
+    dtype = segments[0][0].dtype
+    rows = {}  # experts of one token share its x: one float32 copy, quantized once in the kernel
+    first, second, hs, outs = [], [], [], []  # the C code writes hs and outs: keep them alive
+    for x, g, u, d in segments:
+        xr = rows.get(id(x))
+        if xr is None:
+            xr = rows[id(x)] = _rows(x)
+        p1, h = _product(xr, g, u)
+        p2, y = _product(h, d)
+        first.append(p1)
+        second.append(p2)
+        hs.append(h)
+        outs.append(y)
+    _run(lib, first, second)
+    return [y.to(dtype) for y in outs]
+
+
+# ------------------------------------------------------------------ for tests and benchmarks
+
+def reference(lib, x: torch.Tensor, w1: QuantTensor, w2: QuantTensor | None = None) -> torch.Tensor:
+    """The scalar reference implementation of one product (float32 x [M, K])."""
+    xr = _rows(x)
+    p, y = _product(xr, w1, w2)
+    if lib.megrez_q_reference(ctypes.byref(p)) != 0:
+        raise RuntimeError("megrez_q_reference: invalid product")
+    return y
+
+
+def quantize_activations(lib, x: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' 8-bit activations of float32 x [M, K] for weights of ``qtype``: (q int8 [M, K],
+    scales float32 [M, K / block], sums of 16 int16 [M, K / 16])."""
+    xr = _rows(x)
+    m, k = xr.shape
+    block = 32 if qtype in (QType.Q8_0, QType.Q4_0, QType.Q5_0) else 256
+    q = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // block)
+    s = torch.empty(m, k // 16, dtype=torch.int16)
+    if lib.megrez_q_quantize_rows(int(qtype), xr.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr()) != 0:
+        raise ValueError(f"{QType(qtype).name} activations need a multiple of {block} columns, got {k}")
+    return q, d, s
+
+
+def dequantize(lib, w: QuantTensor) -> torch.Tensor:
+    """float32 [N, K] weights through the C dequantization (ggml's operations, rows in parallel)."""
+    k = w.shape[-1]
+    rows = w.data.numel() // w.data.shape[-1]
+    out = torch.empty(*w.shape)
+    if lib.megrez_q_dequantize(int(w.qtype), w.data.data_ptr(), rows, k, out.data_ptr()) != 0:
+        raise ValueError(f"cannot dequantize {w.qtype.name} rows of {k}")
+    return out

@@ -8,10 +8,11 @@
  *
  * Weights are float32 or bfloat16; x and the results are float32.
  *
- * Built by megrez/kernels/__init__.py with: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC
+ * Built by megrez/kernels/build.py into each AVX2 (or wider) variant, with -ffp-contract=off.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -111,8 +112,12 @@ int megrez_grouped(int swiglu, int wtype, int64_t G, const float **x, const void
         int R = rows_per_block(M[g]);
         start[g + 1] = start[g] + N[g] / R + N[g] % R;  /* full blocks, then single tail rows */
     }
-    int64_t total = start[G];
-#pragma omp parallel for schedule(static)
+    int64_t total = start[G], bytes = 0;
+    for (int64_t g = 0; g < G; ++g) bytes += (1 + (swiglu != 0)) * N[g] * K * (wtype == 1 ? 2 : 4);
+    /* Small products run on the calling thread: waking the others costs more than they save. */
+    /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its share. */
+    int64_t chunk = total / (16 * omp_get_max_threads()) + 1;
+#pragma omp parallel for schedule(dynamic, chunk) if (bytes >= (128 << 10))
     for (int64_t item = 0; item < total; ++item) {
         int64_t g = 0;
         while (item >= start[g + 1]) ++g;

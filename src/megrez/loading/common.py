@@ -29,6 +29,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a Hugging Face hub id (cached, else downloaded)."""
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return path
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a checkpoint directory (with config.json), got a file")
         if not (path / "config.json").is_file():

@@ -25,6 +25,7 @@ from .common import (
     resolve_dtype,
     resolve_model_path,
 )
+from .gguf import GGUFCheckpoint, is_gguf
 from .safetensors import SafetensorsFile, checkpoint_shards
 
 # Tensors some exporters write that carry no weights of their own.
@@ -55,23 +56,59 @@ def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
 
 
 def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: bool | None = None,
-               expert_device: str | torch.device | None = None, **overrides):
+               expert_device: str | torch.device | None = None, quantization: str | None = None, **overrides):
     """Load a checkpoint directory (or hub id). Returns the model in eval mode, without grads.
 
     ``overrides`` are config values set on top of config.json (e.g. ``router_bias="owner"``);
-    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading)."""
+    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading);
+    ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, one tensor
+    at a time, so host memory peaks near the quantized size (see :mod:`megrez.quant.recipe`)."""
     path = resolve_model_path(path)
+    if is_gguf(path):
+        return _load_gguf(path, device, dtype, progress, expert_device, quantization, **overrides)
     config = read_json(path / "config.json")
+    source = str(path / "config.json")
     device = resolve_device(device)
     auto = dtype in (None, "auto")
     dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = build_model(config, source=str(path / "config.json"), **overrides)
-    if auto and device.type == "cpu" and dtype == torch.float32:
+        model = build_model(config, source=source, **overrides)
+    if quantization is not None:
+        from ..quant.modules import quantize_modules
+        from ..quant.recipe import QUANTIZED_SCHEMES, check_scheme, tensor_types
+
+        if expert_device is not None:
+            raise ValueError("quantized weights cannot be offloaded yet (drop --gpu-memory-budget or --quantization)")
+        scheme = check_scheme(quantization, QUANTIZED_SCHEMES)
+        quantize_modules(model, tensor_types(model, scheme), device=device)
+        model.quantization = scheme
+    elif auto and device.type == "cpu" and dtype == torch.float32:
         dtype = _fit_host_memory(model, config)
     materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
     load_weights(model, checkpoint_shards(path), progress=progress)
     model.hf_config = config
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization, **overrides):
+    """A model from a GGUF file, each tensor kept in the file's own type (the module swap is
+    driven by the types the file holds)."""
+    from ..quant.modules import quantize_modules
+
+    if quantization is not None:
+        raise ValueError(f"{path}: a GGUF file keeps its own tensor types; drop --quantization")
+    if expert_device is not None:
+        raise ValueError("routed experts of a GGUF file cannot be offloaded yet (drop --gpu-memory-budget)")
+    ckpt = GGUFCheckpoint(path)
+    device = resolve_device(device)
+    dtype = torch.float32 if dtype in (None, "auto") and device.type == "cpu" else resolve_dtype(dtype, {}, device)
+    with torch.device("meta"):
+        model = build_model(ckpt.config, source=f"{path} (metadata)", **overrides)
+    quantize_modules(model, ckpt.types(), device=device)
+    materialize(model, device, dtype)
+    load_weights(model, [ckpt], progress=progress)
+    model.hf_config = ckpt.config
     model.eval().requires_grad_(False)
     return model
 
@@ -89,14 +126,21 @@ def _fit_host_memory(model, config: dict) -> torch.dtype:
     return stored
 
 
-def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | None = None) -> None:
+def load_weights(model: torch.nn.Module, files: list, progress: bool | None = None) -> None:
+    """Copy every tensor of the checkpoint ``files`` (paths of safetensors files, or readers with
+    ``path``, ``keys()``, ``shape(key)`` and ``read(key)``) into place, quantizing it on the way
+    where the model holds that weight quantized."""
+    from ..quant.formats import QuantTensor, quantize
+    from ..quant.modules import quant_tensors
+
     names = model.checkpoint_names()
-    targets = dict(model.named_parameters())
+    targets: dict = dict(model.named_parameters())
     targets.update(model.named_buffers())
+    targets.update(quant_tensors(model))
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
     seen: dict[str, Path] = {}
-    readers = [SafetensorsFile(f) for f in files]  # validates every header before any copying
-    total = sum(f.stat().st_size for f in files)
+    readers = [f if hasattr(f, "keys") else SafetensorsFile(f) for f in files]  # headers checked before copying
+    total = sum(r.path.stat().st_size for r in readers)
     from tqdm import tqdm
 
     show = progress if progress is not None else total > (512 << 20)
@@ -118,16 +162,21 @@ def load_weights(model: torch.nn.Module, files: list[Path], progress: bool | Non
                                           f"expected {list(target.shape)} from config.json")
                 tensor = reader.read(key)
                 with torch.no_grad():
-                    target.copy_(tensor)
+                    if isinstance(target, QuantTensor):
+                        if not (isinstance(tensor, QuantTensor) and tensor.qtype == target.qtype):
+                            tensor = quantize(tensor.dequantize() if isinstance(tensor, QuantTensor) else tensor,
+                                              target.qtype)
+                        target.data.copy_(tensor.data)
+                    else:
+                        target.copy_(tensor.dequantize() if isinstance(tensor, QuantTensor) else tensor)
                 seen[key] = file
-                bar.update(tensor.numel() * tensor.element_size())
+                bar.update(tensor.nbytes if isinstance(tensor, QuantTensor) else tensor.numel() * tensor.element_size())
                 del tensor
     missing = [k for k in names if k not in seen]
     if missing:
-        where = files[0].parent
+        where = readers[0].path.parent if readers[0].path.suffix == ".safetensors" else readers[0].path
         raise CheckpointError(f"{where}: checkpoint is missing {len(missing)} tensor(s): "
                               + ", ".join(repr(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else ""))
-
 
 
 def _explain_unexpected(model, key: str) -> str:

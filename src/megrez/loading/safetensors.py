@@ -109,7 +109,8 @@ def model_config(model) -> dict:
     args.pop("router_bias", None)  # a runtime choice, not part of the checkpoint
     config.update(args)
     module = type(model).__module__.rsplit(".", 1)[-1]
-    arch = {"llama": ("LlamaForCausalLM", "llama"), "megrez_moe": ("MegrezMoeForCausalLM", "megrez_moe")}[module]
+    arch = getattr(type(model), "hf_architecture", None) or {
+        "llama": ("LlamaForCausalLM", "llama"), "megrez_moe": ("MegrezMoeForCausalLM", "megrez_moe")}[module]
     config["architectures"], config["model_type"] = [arch[0]], arch[1]
     return config
 
@@ -121,6 +122,11 @@ def save_model(model, out: str | os.PathLike, dtype: torch.dtype | None = None,
 
     ``copy_from`` copies tokenizer/generation files from another checkpoint directory;
     ``extra_files`` writes more files (name -> content)."""
+    from ..quant.modules import quant_tensors
+
+    if quant_tensors(model):
+        raise ValueError("this model holds quantized weights, which safetensors checkpoints do not store; "
+                         "save it as GGUF (megrez quantize MODEL OUT.gguf) or save the float model")
     out = Path(out)
     names = model.checkpoint_names()
     sources = dict(model.named_parameters())

@@ -12,8 +12,9 @@ from .base import ConfigError
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MegrezMoeForCausalLM": "megrez_moe",
+    "MegrezO": "omni",
 }
-MODEL_TYPES = {"llama": "llama", "megrez_moe": "megrez_moe", "megrez2": "megrez_moe"}
+MODEL_TYPES = {"llama": "llama", "megrez_moe": "megrez_moe", "megrez2": "megrez_moe", "megrezo": "omni"}
 
 
 def model_module(config: dict, source: str = "config.json"):

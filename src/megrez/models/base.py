@@ -253,6 +253,11 @@ class TransformerLM(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]: what ``input_embeddings`` replaces (rows of it, for
+        multimodal prompts)."""
+        return self.model.embed_tokens(tokens)
+
     def forward(self, tokens: torch.Tensor | None, cache=None, input_embeddings: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, vocab], or [B, vocab] at position ``logits_at[b]`` of
@@ -283,13 +288,28 @@ class TransformerLM(nn.Module):
             names[name] = (name, None)
         for name, buf in self.named_buffers():
             names[name] = (name, None)
+        for mname, module in self.named_modules():  # quantized weights (megrez.quant.modules)
+            for attr in getattr(module, "quant_tensors", ()):
+                names[f"{mname}.{attr}"] = (f"{mname}.{attr}", None)
         if self.args.tie_word_embeddings:
             names.pop("lm_head.weight", None)
         return names
 
+    def stored_parameters(self) -> int:
+        """Parameters held, quantized weights (megrez.quant.modules) counted by their logical shape."""
+        n = sum(p.numel() for p in self.parameters())
+        seen = set()
+        for module in self.modules():
+            for attr in getattr(module, "quant_tensors", ()):
+                qt = getattr(module, attr)
+                if id(qt.data) not in seen:
+                    seen.add(id(qt.data))
+                    n += qt.data.shape[:-1].numel() * qt.shape[-1]
+        return n
+
     def parameter_counts(self) -> dict[str, int]:
         """Stored parameters, and those one token actually uses."""
-        stored = sum(p.numel() for p in self.parameters())
+        stored = self.stored_parameters()
         return {"stored": stored, "active": stored}
 
     @torch.no_grad()

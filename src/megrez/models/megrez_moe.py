@@ -184,7 +184,7 @@ class Model(TransformerLM):
 
     def parameter_counts(self):
         a = self.args
-        stored = sum(p.numel() for p in self.parameters())
+        stored = self.stored_parameters()
         bank = 3 * a.hidden_size * a.moe_intermediate_size
         n_banks = sum(1 for layer in self.layers if getattr(layer.mlp, "experts", None) is not None)
         n_moe = sum(1 for i in range(a.num_hidden_layers) if a.is_moe(i))

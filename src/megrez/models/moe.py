@@ -85,16 +85,7 @@ class ExpertBank(nn.Module):
         selected expert runs once over all tokens that chose it; unselected experts are not read."""
         n, k = indices.shape
         if n == 1 and self.weights_stay_valid:
-            # One token (decoding at batch 1): no token sorting. Experts are summed in ascending
-            # id order, as below, so a token's result does not depend on its batch.
-            order = indices[0].argsort()
-            served = list(self.expert_weights(indices[0, order].tolist()))
-            outs = kernels.experts_swiglu([(x, *w) for _, w in served])
-            contrib = torch.cat(outs).float() * weights[0, order, None]
-            out = torch.zeros(1, x.shape[-1], dtype=torch.float32, device=x.device)
-            for row in contrib:
-                out += row
-            return out.to(x.dtype)
+            return self.one_token(x, weights, indices)[0]
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -122,6 +113,20 @@ class ExpertBank(nn.Module):
         out.index_add_(0, token_of, ys)
         return out.to(x.dtype)
 
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, extra: list = ()):
+        """One token (decoding at batch 1; x [1, H]), without token sorting: (routed output
+        [1, H], the outputs of ``extra`` SwiGLU experts (gate, up, down) on x, e.g. the shared
+        ones), all products in one kernel call. Experts are summed in ascending id order, as in
+        :meth:`forward`, so a token's result does not depend on its batch."""
+        order = indices[0].argsort()
+        served = list(self.expert_weights(indices[0, order].tolist()))
+        outs = kernels.experts_swiglu([(x, *w) for _, w in served] + [(x, *w) for w in extra])
+        contrib = torch.cat(outs[:len(served)]).float() * weights[0, order, None]
+        out = torch.zeros(1, x.shape[-1], dtype=torch.float32, device=x.device)
+        for row in contrib:
+            out += row
+        return out.to(x.dtype), outs[len(served):]
+
     # Whether tensors from expert_weights stay valid after the next expert is requested.
     weights_stay_valid = True
 
@@ -145,7 +150,16 @@ class MoeBlock(nn.Module):
 
     def forward(self, y: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, bank: ExpertBank):
         b, t, h = y.shape
+        shared = self.shared_experts
+        if (b * t == 1 and bank.weights_stay_valid and shared is not None and shared.gate_proj.bias is None
+                and type(bank).forward is ExpertBank.forward):
+            # One token: the shared experts' products join the routed experts' kernel call
+            # (the same products, the same bits as running the MLP on its own).
+            routed, (shared_out,) = bank.one_token(y.reshape(1, h), weights, indices,
+                                                   [(shared.gate_proj.weight, shared.up_proj.weight,
+                                                     shared.down_proj.weight)])
+            return routed.view(b, t, h) + shared_out.view(b, t, h)
         out = bank(y.reshape(b * t, h), weights, indices).view(b, t, h)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(y)
+        if shared is not None:
+            out = out + shared(y)
         return out

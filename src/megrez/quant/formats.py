@@ -6,6 +6,8 @@ A quantized weight [N, K] is N rows of ``K // block`` blocks each; one row is
 
     Q8_0  32 int8 + fp16 scale                                  34 bytes / 32 weights
     Q4_0  32 4-bit + fp16 scale (x = (q - 8) * d)               18 bytes / 32 weights
+    Q5_0  fp16 scale, 4 bytes of 5th bits, 16 bytes of 4-bit     22 bytes / 32 weights
+          (llama.cpp's stand-in for Q4_K where rows are not whole super-blocks)
     Q4_K  256: fp16 d, dmin, 12 bytes of 6-bit scales/mins,
           128 bytes of 4-bit values                           144 bytes / 256 weights
     Q6_K  256: 128 bytes low 4 bits, 64 bytes high 2 bits,
@@ -27,6 +29,7 @@ class QType(IntEnum):
     F32 = 0
     F16 = 1
     Q4_0 = 2
+    Q5_0 = 6
     Q8_0 = 8
     Q4_K = 12
     Q6_K = 14
@@ -36,7 +39,7 @@ class QType(IntEnum):
 # qtype -> (weights per block, bytes per block)
 BLOCK_SIZES: dict[QType, tuple[int, int]] = {
     QType.F32: (1, 4), QType.F16: (1, 2), QType.BF16: (1, 2),
-    QType.Q8_0: (32, 34), QType.Q4_0: (32, 18), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210),
+    QType.Q8_0: (32, 34), QType.Q4_0: (32, 18), QType.Q5_0: (32, 22), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210),
 }
 
 
@@ -65,7 +68,13 @@ class QuantTensor:
                              f"got {self.data.dtype} {list(self.data.shape)}")
 
     def __getitem__(self, i: int) -> "QuantTensor":
-        return QuantTensor(self.data[i], self.qtype, self.shape[1:])
+        if not isinstance(i, int) or isinstance(i, bool):
+            return QuantTensor(self.data[i], self.qtype, self.shape[1:])
+        # One matrix of a validated stack is valid: skip the checks (this runs for every routed
+        # expert of every decode step).
+        view = object.__new__(QuantTensor)
+        view.data, view.qtype, view.shape = self.data[i], self.qtype, self.shape[1:]
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -126,6 +135,15 @@ def _dequantize_q4_0(blocks):
     return _f16(blocks[:, :2]) * q.float()
 
 
+def _dequantize_q5_0(blocks):
+    qh = blocks[:, 2:6].to(torch.int64)
+    high = (qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24))[:, None] >> torch.arange(32)
+    qs = blocks[:, 6:]
+    low = torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    q = (low | ((high & 1).to(torch.uint8) << 4)).to(torch.int8) - 16
+    return _f16(blocks[:, :2]) * q.float()
+
+
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 6-bit scales and mins packed in Q4_K's 12 bytes -> two uint8 [n, 8]."""
     d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
@@ -158,13 +176,13 @@ def _dequantize_q6_k(blocks):
     return (d * q.reshape(n, 16, 16).float()).reshape(n, 256)
 
 
-_DEQUANTIZE = {QType.Q8_0: _dequantize_q8_0, QType.Q4_0: _dequantize_q4_0, QType.Q4_K: _dequantize_q4_k,
+_DEQUANTIZE = {QType.Q8_0: _dequantize_q8_0, QType.Q4_0: _dequantize_q4_0, QType.Q5_0: _dequantize_q5_0, QType.Q4_K: _dequantize_q4_k,
                QType.Q6_K: _dequantize_q6_k}
 
 
 # ------------------------------------------------------------------------------ quantize
 
-CHUNK_WEIGHTS = 1 << 20  # rows are quantized this many weights at a time (temporaries stay in cache)
+CHUNK_WEIGHTS = 1 << 18  # rows are quantized this many weights at a time (temporaries stay in cache)
 
 
 def quantize(weight: torch.Tensor, qtype: QType) -> QuantTensor:
@@ -226,13 +244,29 @@ def _quantize_q8_0(blocks):
     return torch.cat([_half_bytes(d), qs], dim=1)
 
 
-def _quantize_q4_0(blocks):
+def _signed_scale(blocks, levels: int):
+    """Q4_0/Q5_0 scale: the weight of largest magnitude (sign kept, first one on ties) maps to
+    -``levels``. Returns (d [n, 1], 1/d or 0)."""
     imax = blocks.abs().argmax(dim=1, keepdim=True)
-    d = blocks.gather(1, imax) / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    d = blocks.gather(1, imax) / -levels
+    return d, torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _quantize_q4_0(blocks):
+    d, inv = _signed_scale(blocks, 8)
     q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
     qs = q[:, :16] | (q[:, 16:] << 4)
     return torch.cat([_half_bytes(d), qs], dim=1)
+
+
+def _quantize_q5_0(blocks):
+    d, inv = _signed_scale(blocks, 16)
+    q = torch.trunc(blocks * inv + 16.5).clamp(0, 31).to(torch.uint8)
+    qs = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+    bits = (q >> 4).to(torch.int64) << torch.arange(32)
+    word = bits.sum(dim=1)
+    qh = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16, 24)], dim=1).to(torch.uint8)
+    return torch.cat([_half_bytes(d), qh, qs], dim=1)
 
 
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +275,12 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
     for i in range(1, t.shape[0]):
         s += t[i]
     return s
+
+
+def _over(c: float, t: torch.Tensor) -> torch.Tensor:
+    """The float32 quotient ``c / t`` (torch computes ``scalar / tensor`` as ``scalar * (1 / t)``,
+    which rounds twice)."""
+    return torch.full_like(t, c) / t
 
 
 def _f32(v: float) -> float:
@@ -259,7 +299,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     sum_x = _seqsum(w * x)
     flat = xmax == xmin
     one = torch.ones_like(xmax)
-    iscale = nmax / torch.where(flat, one, xmax - xmin)
+    iscale = _over(nmax, torch.where(flat, one, xmax - xmin))
     scale = 1 / iscale
     L = (x - xmin).mul_(iscale).round_().clamp_(0, nmax)
     diff = (L * scale).add_(xmin).sub_(x)
@@ -267,7 +307,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     for step in range(nstep + 1):
         grid = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + nmax)
         span = xmax - xmin
-        iscale = grid / torch.where(span == 0, one, span)
+        iscale = _over(grid, torch.where(span == 0, one, span))
         laux = (x - xmin).mul_(iscale).round_().clamp_(0, nmax)
         wl = w * laux
         sum_l, sum_l2 = _seqsum(wl), _seqsum(wl * laux)
@@ -300,14 +340,14 @@ def _nearest_uint8(v: torch.Tensor) -> torch.Tensor:
 def _quantize_q4_k(blocks):
     nb = blocks.shape[0]
     x = blocks.reshape(nb * 8, 32).t().contiguous()               # [32, S]: sub-blocks in columns
-    av = torch.sqrt(_seqsum(x * x) / 32)
+    av = (_seqsum(x * x) / 32).double().sqrt().float()  # torch's float32 sqrt is not always correctly rounded
     w = av + x.abs()
     L, scales, mins = _make_qkx2_quants(x, w, 15, -1.0, 0.1, 20)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0)
     max_min = mins.amax(dim=1, keepdim=True).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1), 0)
+    inv_scale = torch.where(max_scale > 0, _over(63, torch.where(max_scale > 0, max_scale, 1)), 0)
+    inv_min = torch.where(max_min > 0, _over(63, torch.where(max_min > 0, max_min, 1)), 0)
     ls = _nearest_uint8(inv_scale * scales).clamp(max=63)
     lm = _nearest_uint8(inv_min * mins).clamp(max=63)
     packed = torch.zeros(nb, 12, dtype=torch.int64)
@@ -340,7 +380,7 @@ def _make_qx_quants(x, nmax: int):
         l = torch.round(iscale * x).clamp(-nmax, nmax - 1)
         return l, _seqsum(w * x * l), _seqsum(w * l * l)
 
-    iscale = -nmax / xmax_safe
+    iscale = _over(-nmax, xmax_safe)
     l, sumlx, suml2 = grid(iscale)
     L = l + nmax
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1), 0)
@@ -348,7 +388,7 @@ def _make_qx_quants(x, nmax: int):
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = -_f32(nmax + _f32(_f32(0.1) * step)) / xmax_safe
+        iscale = _over(-_f32(nmax + _f32(_f32(0.1) * step)), xmax_safe)
         l, sumlx, suml2 = grid(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         L = torch.where(better, l + nmax, L)
@@ -371,7 +411,7 @@ def _quantize_q6_k(blocks):
     max_abs, where = abs_scales.max(dim=1)
     max_scale = scales.gather(1, where[:, None])[:, 0]
     zero = max_abs < GROUP_MAX_EPS
-    iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+    iscale = _over(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
     d_half = torch.where(zero, torch.zeros_like(iscale), 1 / iscale)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc).to(torch.int8)
@@ -387,5 +427,5 @@ def _quantize_q6_k(blocks):
     return torch.cat([ql, qh.reshape(nb, 64), sc.view(torch.uint8), _half_bytes(d_half)], dim=1)
 
 
-_QUANTIZE = {QType.Q8_0: _quantize_q8_0, QType.Q4_0: _quantize_q4_0, QType.Q4_K: _quantize_q4_k,
+_QUANTIZE = {QType.Q8_0: _quantize_q8_0, QType.Q4_0: _quantize_q4_0, QType.Q5_0: _quantize_q5_0, QType.Q4_K: _quantize_q4_k,
              QType.Q6_K: _quantize_q6_k}

@@ -24,6 +24,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -34,6 +36,7 @@ from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, QueueFull
 from ..engine.sampling import SampleResult
+from ..structured import Plan, Structured, StructuredError
 from . import metrics, openapi, protocol
 from .engine_loop import EngineFailed, EngineLoop
 from .protocol import APIError, GenerationRequest, Limits, TokenText
@@ -49,7 +52,13 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 << 20
     body_timeout: float = 60.0  # seconds to receive a whole request body
+    # Local image/audio paths in content parts are read only under these directories
+    # (none: data: URLs and base64 only). Remote URLs are never fetched.
+    allowed_media_dirs: tuple = ()
     limits: Limits = field(default_factory=Limits)
+    clock: Callable[[], datetime] = datetime.now  # the time line of the Megrez tool prompt
+    search_backend: object = None  # a megrez.search backend: enables the web_search tool
+    search_pages: int = 5
 
 
 class ClientGone(Exception):
@@ -85,6 +94,8 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
         self.vocab_size = engine.model.args.vocab_size
+        self.structured = Structured(engine.tokenizer, self.vocab_size, config.clock)
+        self.search_backend, self.search_pages = config.search_backend, config.search_pages
         self.errors: Counter = Counter()  # HTTP status -> error responses sent
         self.limits_hit: Counter = Counter()  # limit name -> requests refused or capped by it
         self.created = int(time.time())
@@ -167,9 +178,9 @@ class OpenAIServer:
                                 f"{', '.join(map(repr, names))}", param="model", code="model_not_found")
         return requested
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
         except (ValueError, jinja2.TemplateError) as e:
             raise protocol.invalid("messages", f"the chat template cannot render these messages: {e}") from None
 
@@ -183,13 +194,51 @@ class OpenAIServer:
                        f"characters has at least {least} tokens", code="context_length_exceeded")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def plan(self, req: GenerationRequest) -> Plan:
+        """The grammar and the tool-call reading of a request (compiling a schema can take a
+        moment: runs in a worker thread)."""
+        try:
+            return self.structured.plan(req.tools, req.response_format)
+        except StructuredError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_schema") from None
+
     def encode(self, req: GenerationRequest) -> list[list[int]]:
-        """Runs in a worker thread: templates and tokenizers on long inputs take a while."""
+        return self.encode_with_media(req)[0]
+
+    def encode_with_media(self, req: GenerationRequest) -> tuple[list[list[int]], dict]:
+        """Token ids of every prompt, and the image/audio embeddings of those that have media
+        (prompt index -> [(position, vectors)]). Runs in a worker thread: templates and
+        tokenizers on long inputs take a while, and image/audio encoders longer (they run
+        here, once per request, whatever ``n`` is)."""
+        from ..multimodal import MediaError
+        from ..multimodal.prompt import EncoderCache, MediaPolicy, has_media, prepare_chat
+
+        if getattr(self, "encoder_cache", None) is None:
+            self.encoder_cache = EncoderCache()
+
         out = []
+        media_embeddings = {}
         for prompt in req.prompts:
-            if req.kind == "chat":
+            if req.kind == "chat" and has_media(prompt):
+                policy = MediaPolicy(allow_paths=bool(self.config.allowed_media_dirs),
+                                     allowed_dirs=tuple(self.config.allowed_media_dirs))
+                try:
+                    ids, embeddings, _ = prepare_chat(self.engine.model, self.tokenizer, prompt, policy,
+                                                      max_len=self.engine.max_model_len, cache=self.encoder_cache)
+                except MediaError as e:
+                    param = str(e).split(":", 1)[0] if str(e).startswith("messages[") else "messages"
+                    code = "context_length_exceeded" if "context holds" in str(e) else None
+                    raise APIError(400, str(e), param=param.split(" ")[0], code=code) from None
+                media_embeddings[len(out)] = embeddings
+                out.append(ids)
+            elif req.kind == "chat":
+                try:  # tools in the prompt, tool calls and results in the model's format
+                    messages, template_kwargs = self.structured.chat_messages(prompt, req.tools)
+                except ValueError as e:
+                    raise protocol.invalid("messages", str(e)) from None
                 # The template already wrote any special tokens it wants (as transformers does).
-                out.append(self.encode_text(self.render(prompt), "messages", add_special_tokens=False))
+                out.append(self.encode_text(self.render(messages, **template_kwargs), "messages",
+                                            add_special_tokens=False))
             elif isinstance(prompt, str):
                 out.append(self.encode_text(prompt, "prompt"))
             else:
@@ -197,7 +246,7 @@ class OpenAIServer:
                 if bad:
                     raise protocol.invalid("prompt", f"token ids must be in [0, {self.vocab_size}) (got {bad[0]})")
                 out.append(list(prompt))
-        return out
+        return out, media_embeddings
 
     def echo_text(self, prompt, ids: list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -220,7 +269,16 @@ class OpenAIServer:
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         req = parse(body, self.config.limits, self.vocab_size)
         model = self.model_name(req.model)
-        prompt_ids = await self.in_worker(self.encode, req)
+        if req.web_search is not None:
+            from . import search_route
+
+            answer = await search_route.handle(self, req, model)
+            if isinstance(answer, dict):
+                return JSONResponse(answer)
+            return EventStream(answer, on_close=lambda: None,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        plan = await self.in_worker(self.plan, req)
+        prompt_ids, embeddings = await self.in_worker(self.encode_with_media, req)
         for ids in prompt_ids:
             self.check_length(ids, "messages" if kind == "chat" else "prompt")
         try:
@@ -232,16 +290,17 @@ class OpenAIServer:
         if limit is not None:
             self.limits_hit[limit] += 1
         sink: asyncio.Queue = asyncio.Queue()
-        rids = self.submit(req, prompt_ids, sink, cap)
+        rids = self.submit(req, prompt_ids, sink, cap, embeddings, plan)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        run = Run(self, req, model, rid, rids, sink, prompt_ids)
+        run = Run(self, req, model, rid, rids, sink, prompt_ids, plan)
         if req.stream:
             return EventStream(run.events(), on_close=lambda: self.abort(rids),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
 
     def submit(self, req: GenerationRequest, prompt_ids: list[list[int]], sink: asyncio.Queue,
-               cap: int | None = None) -> dict[int, str]:
+               cap: int | None = None, embeddings: dict | None = None,
+               plan: Plan | None = None) -> dict[int, str]:
         """All choices of one request enter the engine together, or none does."""
         engine = self.engine
         wanted = len(prompt_ids) * req.n
@@ -258,7 +317,13 @@ class OpenAIServer:
             for p, ids in enumerate(prompt_ids):
                 for i in range(req.n):
                     params = req.choice_params(i, len(ids), engine.max_model_len, cap)
-                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i)
+                    processors = []
+                    if plan is not None:  # each choice gets its own grammar matcher
+                        params = plan.params(params)
+                        processors = plan.processors()
+                    rids[p * req.n + i] = self.loop.add(ids, params, sink, p * req.n + i,
+                                                        embeddings=(embeddings or {}).get(p),
+                                                        logits_processors=processors)
         except QueueFull:
             self.abort(rids)
             raise busy from None
@@ -315,8 +380,10 @@ class Run:
     """One HTTP generation request: its engine requests (one per choice) and their answer."""
 
     def __init__(self, server: OpenAIServer, req: GenerationRequest, model: str, rid: str, rids: dict[int, str],
-                 sink: asyncio.Queue, prompt_ids: list[list[int]]):
+                 sink: asyncio.Queue, prompt_ids: list[list[int]], plan: Plan | None = None):
         self.server, self.req, self.model, self.id, self.rids, self.sink = server, req, model, rid, rids, sink
+        # Tool calls are read out of each choice's text by its own reader.
+        self.readers = {i: plan.reader() for i in rids} if plan is not None and req.kind == "chat" else {}
         self.created = int(time.time())
         self.prompt_ids = prompt_ids
         self.prompt_tokens = sum(map(len, prompt_ids))
@@ -378,6 +445,7 @@ class Run:
         texts = {i: [] for i in self.rids}
         logprobs = {i: [] for i in self.rids}
         finish: dict[int, str] = {}
+        last_token: dict[int, int | None] = {}
 
         async def consume():
             while len(finish) < len(self.rids):
@@ -388,6 +456,7 @@ class Run:
                     logprobs[index].append(lp)
                 if out.finished:
                     finish[index] = protocol.public_finish_reason(out.finish_reason)
+                    last_token[index] = out.new_token_ids[-1] if out.new_token_ids else None
 
         consumer = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -404,6 +473,11 @@ class Run:
         for i in sorted(self.rids):
             text = "".join(texts[i])
             lp = _merge_logprobs(logprobs[i], self.req.kind) if self.req.logprobs is not None else None
+            reader = self.readers.get(i)
+            if reader is not None:
+                message, reason = reader.message(text, finish[i], last_token.get(i))
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+                continue
             make = protocol.chat_choice if self.req.kind == "chat" else protocol.completion_choice
             choices.append(make(i, text, finish[i], lp))
         return JSONResponse(protocol.envelope(self.req.kind, self.id, self.created, self.model, choices,
@@ -436,7 +510,18 @@ class Run:
                     pending.discard(index)
                 elif not text and not (lp and (lp.get("content") or lp.get("tokens"))):
                     continue  # text held back (a partial character or a possible stop string)
-                if chat:
+                reader = self.readers.get(index)
+                if reader is not None:
+                    deltas = reader.feed(text)
+                    if out.finished:
+                        more, reason = reader.finish(reason, out.new_token_ids[-1] if out.new_token_ids else None)
+                        deltas += more
+                    deltas = deltas or ([{}] if out.finished or lp else [])
+                    for k, delta in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        yield self.chunk([protocol.chat_delta(index, delta, reason if last else None,
+                                                              lp if k == 0 else None)])
+                elif chat:
                     delta = {"content": text} if text else {}
                     yield self.chunk([protocol.chat_delta(index, delta, reason, lp)])
                 else:

@@ -44,6 +44,9 @@ def register(sub) -> None:
                    help="model name(s) clients use; the first is reported (default: the --model argument)")
     g.add_argument("--max-request-bytes", type=parse_size, default=4 << 20,
                    help="largest request body accepted (default 4MiB; larger gets 413)")
+    g.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="Megrez-3B-Omni: let image/audio content parts name local files under DIR (repeatable; "
+                        "default: only data: URLs and base64 audio; remote URLs are never fetched)")
     g.add_argument("--max-header-bytes", type=parse_size, default=64 << 10,
                    help="largest request head (request line and headers) accepted (default 64KiB; larger gets 431)")
     g.add_argument("--header-timeout", type=float, default=10.0,
@@ -73,6 +76,13 @@ def register(sub) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt from scratch instead of reusing cached prefix blocks")
+    g = p.add_argument_group("web search (the web_search tool; off unless a backend is given)")
+    g.add_argument("--search-index", default=None, metavar="PATH",
+                   help="serve web_search from this local index (made by `megrez index add`)")
+    g.add_argument("--search-backend", default=None, choices=["local", "serper"],
+                   help="local (default with --search-index; $MEGREZ_CACHE/search/index.sqlite without it) or "
+                        "serper (the web; needs SERPER_API_KEY)")
+    g.add_argument("--search-pages", type=int, default=5, help="pages summarised per search (default 5)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -123,7 +133,8 @@ def server_config(a, names: list[str], api_key: str | None):
     limits = replace(Limits(), max_request_tokens=a.max_request_tokens, max_logprobs=a.max_logprobs,
                      max_response_bytes=a.max_response_bytes)
     return ServerConfig(served_model_names=names, api_key=api_key, max_request_bytes=a.max_request_bytes,
-                        body_timeout=a.body_timeout, limits=limits)
+                        body_timeout=a.body_timeout, limits=limits,
+                        allowed_media_dirs=tuple(a.allowed_local_media_path))
 
 
 def cmd_serve(a) -> int:
@@ -138,6 +149,13 @@ def cmd_serve(a) -> int:
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
     names = a.served_model_name or [a.model if a.model is not None else "megrez"]
     config = server_config(a, names, api_key)  # bad flags fail before the model loads
+    if a.search_index is not None or a.search_backend is not None:
+        from ..search import open_backend
+
+        if a.search_pages < 1:
+            raise ValueError("--search-pages must be at least 1")
+        config.search_backend = open_backend(a.search_backend or "local", a.search_index)
+        config.search_pages = a.search_pages
     sock = bind(a.host, a.port)
     try:
         path, engine = build_engine(a)

@@ -76,7 +76,8 @@ class EngineLoop:
         return self.alive and self.failures < FAILURES_UNHEALTHY
 
     # ------------------------------------------------------------------------- requests (event loop thread)
-    def add(self, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag=None) -> str:
+    def add(self, prompt_ids: list[int], params: SamplingParams, sink: asyncio.Queue, tag=None,
+            embeddings: list | None = None, logits_processors: list | None = None) -> str:
         """Queue one generation; its outputs arrive in ``sink`` as ``(tag, RequestOutput)``,
         or ``(tag, EngineFailed)``. Raises what ``Engine.add_request`` raises."""
         rid = uuid.uuid4().hex
@@ -84,7 +85,8 @@ class EngineLoop:
         # add_request even returns.
         self._entries[rid] = _Entry(sink, tag, time.monotonic())
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self.engine.add_request(prompt_ids, params, request_id=rid, embeddings=embeddings,
+                                    logits_processors=logits_processors)
         except BaseException:
             del self._entries[rid]
             raise

@@ -14,10 +14,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import structured
 from ..engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SampleResult, SamplingParams
 from ..tokenizer import text_content
+from ..tools.spec import ToolError, ToolSpec, parse_tools
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# "observation" is Megrez's own role for tool results, for clients that build the model's
+# tool prompt themselves (tools given as "tool" messages are mapped onto it).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "observation")
 SEED_RANGE = (-(2 ** 63), 2 ** 64)
 
 
@@ -175,9 +179,7 @@ def _range(lo, hi) -> str:
 def _reject_unsupported(body: dict) -> None:
     """Fields whose non-default values would change the answer in ways this server cannot do."""
     checks = {
-        "tools": lambda v: v == [], "functions": lambda v: v == [],
-        "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
-        "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+        "functions": lambda v: v == [], "function_call": lambda v: v in ("none", "auto"),
         "audio": lambda v: False, "prediction": lambda v: False,
     }
     for name, ok in checks.items():
@@ -209,6 +211,9 @@ class GenerationRequest:
     echo: bool = False                         # completions: the prompt is part of the answer
     max_tokens_given: bool = False             # by the client (else a default, which limits may lower)
     extra: dict = field(default_factory=dict)
+    tools: ToolSpec | None = None              # chat: the functions offered, tool_choice
+    web_search: dict | None = None             # chat: the built-in web_search tool's options ({} = defaults)
+    response_format: dict | None = None        # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
 
     def choice_params(self, i: int, prompt_len: int, max_model_len: int, cap: int | None = None) -> SamplingParams:
         """Choice i samples with ``seed + i`` (as vLLM does), so n choices differ yet every
@@ -350,6 +355,7 @@ def _sampling(body: dict, limits: Limits, vocab_size: int, max_tokens_names: tup
         stop_token_ids=_stop_token_ids(body, limits, vocab_size),
         ignore_eos=get_bool(body, "ignore_eos"),
         logit_bias=_logit_bias(body, limits, vocab_size),
+        skip_special_tokens=get_bool(body, "skip_special_tokens", True),
     )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
@@ -369,8 +375,46 @@ def parse_chat(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest
     elif get_int(body, "top_logprobs", 0, lo=0, hi=limits.max_logprobs) > 0:
         raise invalid("top_logprobs", "requires logprobs to be true")
     params.logprobs = logprobs
+    tools, web_search = body.get("tools"), None
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "web_search" for t in tools):
+        web_search = _web_search(tools, body, n)
+        tools = None
+    try:
+        tools = parse_tools(tools, None if web_search is not None else body.get("tool_choice"),
+                            body.get("parallel_tool_calls"))
+    except ToolError as e:
+        raise invalid(e.param, str(e).split(": ", 1)[1]) from None
+    response_format = parse_response_format(body.get("response_format"))
     return GenerationRequest("chat", model, [messages], params, n, stream, include_usage, logprobs,
-                             max_tokens_given=given)
+                             max_tokens_given=given, tools=tools, response_format=response_format,
+                             web_search=web_search)
+
+
+def _web_search(tools: list, body: dict, n: int) -> dict:
+    """The built-in tool: {"type": "web_search", "web_search": {"max_results": 1-10, "mode": "auto"|"always"}}."""
+    if len(tools) != 1:
+        raise invalid("tools", "the web_search tool cannot be combined with other tools")
+    if n != 1 or body.get("response_format") not in (None, {"type": "text"}) or body.get("logprobs"):
+        raise invalid("tools", "the web_search tool answers with one plain-text choice (n=1, no response_format, "
+                               "no logprobs)")
+    options = tools[0].get("web_search") or {}
+    if not isinstance(options, dict):
+        raise invalid("tools[0].web_search", "expected an object")
+    out = {}
+    if "max_results" in options:
+        out["max_results"] = get_int(options, "max_results", lo=1, hi=10)
+    mode = options.get("mode", "auto")
+    if mode not in ("auto", "always"):
+        raise invalid("tools[0].web_search.mode", "expected 'auto' (the model decides) or 'always'")
+    out["mode"] = mode
+    return out
+
+
+def parse_response_format(rf) -> dict | None:
+    try:
+        return structured.parse_response_format(rf)
+    except structured.StructuredError as e:
+        raise invalid(e.param, str(e).split(": ", 1)[1]) from None
 
 
 def parse_messages(messages, limits: Limits) -> list[dict]:
@@ -394,8 +438,22 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         content = m.get("content")
         if content is None and role not in ("assistant",):
             raise invalid(f"{where}.content", "required for this role")
+        tool_calls = m.get("tool_calls")
+        if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+            raise invalid(f"{where}.tool_calls", "only an assistant message has tool_calls, an array of calls")
+        for j, call in enumerate(tool_calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("arguments", "{}"), (str, dict)):
+                raise invalid(f"{where}.tool_calls[{j}]", "expected {id, type: 'function', "
+                                                          "function: {name, arguments: a JSON string}}")
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    json.loads(fn["arguments"] or "{}")
+                except ValueError as e:
+                    raise invalid(f"{where}.tool_calls[{j}].function.arguments", f"not valid JSON ({e})") from None
         try:
-            text = text_content(content, f"{where}.content")
+            text = _media_parts(content, f"{where}.content") or text_content(content, f"{where}.content")
         except ValueError as e:  # the message already names the part
             raise APIError(400, str(e), param=f"{where}.content") from None
         name = m.get("name")
@@ -405,8 +463,33 @@ def parse_messages(messages, limits: Limits) -> list[dict]:
         msg = {"role": "system" if role == "developer" else role, "content": text}
         if name is not None:
             msg["name"] = name
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
+
+
+MEDIA_PART_TYPES = ("image_url", "input_audio")
+
+
+def _media_parts(content, where: str) -> list | None:
+    """Content with image_url / input_audio parts stays a list of parts (read and checked by
+    ``megrez.multimodal.prompt`` when the prompt is built); None for text-only content."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES
+                                                 for p in content):
+        return None
+    for n, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}[{n}]: expected an object, got {_json_type(part)}")
+        kind = part.get("type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{n}].text: expected a string")
+        if kind not in ("text",) + MEDIA_PART_TYPES:
+            raise ValueError(f"{where}[{n}]: unsupported content part type {kind!r} "
+                             f"(expected text, image_url or input_audio)")
+    return content
 
 
 def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationRequest:
@@ -423,7 +506,8 @@ def parse_completion(body: dict, limits: Limits, vocab_size: int) -> GenerationR
     if echo and logprobs is not None:
         params.prompt_logprobs = logprobs
     return GenerationRequest("completion", model, prompts, params, n, stream, include_usage, logprobs, echo,
-                             max_tokens_given=given)
+                             max_tokens_given=given,
+                             response_format=parse_response_format(body.get("response_format")))
 
 
 def parse_tokenize(body: dict, limits: Limits) -> tuple[str | None, object, bool]:

@@ -67,6 +67,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     return out
 
 
+def export_final(model, optimizer, final: Path, dtype_name: str, tokenizer_dir: Path | None) -> Path:
+    """``final``: the trained model alone, in ``dtype_name`` (float32 | bfloat16), for inference.
+    Every rank must call it (under FSDP the full weights are gathered); rank 0 writes."""
+    model_sd, _ = full_state(model, optimizer) if distributed.is_sharded(model) else (None, None)
+    if distributed.rank() == 0:
+        plain = model if model_sd is None else plain_copy(model, model_sd)
+        save_model(plain, final, dtype=torch.bfloat16 if dtype_name == "bfloat16" else torch.float32,
+                   copy_from=tokenizer_dir)
+    distributed.barrier()
+    return final
+
+
 def plain_copy(model, state_dict: dict):
     """An unsharded CPU float32 model holding ``state_dict`` (for saving in the HF layout)."""
     with torch.device("meta"):

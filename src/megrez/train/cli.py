@@ -138,6 +138,9 @@ def register(subparsers) -> None:
     from .rl_cli import register as register_rl
 
     register_rl(sub)
+    from .image_adapter import register as register_image_adapter
+
+    register_image_adapter(sub)
     sp = sub.add_parser("presets", help="list the named model sizes")
     sp.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size to count parameters with")
     sp.set_defaults(func=cmd_presets)

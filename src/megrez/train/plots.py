@@ -33,13 +33,20 @@ def _pyplot():
     return plt
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+def open_run(run_dir: Path):
+    """(pyplot, the run's metrics records), or (None, None) without matplotlib or metrics."""
+    path = Path(run_dir) / "metrics.jsonl"
     plt = _pyplot()
     if plt is None or not path.is_file():
+        return None, None
+    return plt, read_metrics(path)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    plt, recs = open_run(run_dir)
+    if plt is None:
         return []
-    recs = read_metrics(path)
     train = [r for r in recs if "loss" in r]
     val = [r for r in recs if "val_loss" in r]
     written = []

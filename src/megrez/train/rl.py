@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ..engine import Engine, SamplingParams
 from ..eval.backends import EngineBackend, GenRequest
 from ..eval.harness import EvalConfig, evaluate, sample_seed
 from ..eval.tasks import get_task
-from ..loading import load_model, save_model
+from ..loading import load_model
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from . import distributed
@@ -49,11 +49,11 @@ from .rl_loss import (
     token_logprobs,
 )
 from .rl_sync import RolloutWeights
-from .trainer import _jsonable, _truncate_metrics, autocast_for
+from .trainer import Options, _jsonable, _truncate_metrics, autocast_for
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Options):
     init: str = ""                           # the policy to start from (any checkpoint the engine loads)
     task: str = "arithmetic"
     task_options: dict = field(default_factory=lambda: {"split": "train", "n": 1000})
@@ -95,20 +95,10 @@ class RLConfig:
     progress: bool = True
     plots: bool = True
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "RLConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown RL option(s) {', '.join(map(repr, unknown))}")
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
+    kind = "RL"
 
     def validate(self, source: str = "config") -> None:
-        def need(cond, key, what):
-            if not cond:
-                raise ValueError(f"{source}: {key}={getattr(self, key)!r}: {what}")
+        need = self.requirement(source)
         need(bool(self.init), "init", "give the checkpoint to train (--init DIR)")
         for key in ("steps", "prompts_per_step", "ppo_epochs", "minibatches", "micro_batch_size", "eval_every",
                     "save_every", "max_num_seqs", "eval_samples"):
@@ -251,14 +241,15 @@ class RLTrainer:
             return everything
         mine = everything[self.rank::self.world]
         rolls = self.generate(mine, cfg.filter_samples, "filter", "filtering prompts")
-        rates = torch.zeros(len(self.examples), dtype=torch.float64, device=self.device)
+        wins = torch.zeros(len(self.examples), dtype=torch.float64, device=self.device)
         for r in rolls:
-            rates[r.example] += r.reward / cfg.filter_samples
-        distributed.all_reduce_sum(rates)
-        rates = rates.tolist()
-        solved = [i for i in everything if rates[i] >= 1.0]
-        never = [i for i in everything if rates[i] == 0.0]
-        partial = [i for i in everything if 0.0 < rates[i] < 1.0]
+            wins[r.example] += r.reward > 0
+        distributed.all_reduce_sum(wins)
+        wins = [int(w) for w in wins.tolist()]  # whole counts: compared exactly, unlike summed fractions
+        n = cfg.filter_samples
+        solved = [i for i in everything if wins[i] == n]
+        never = [i for i in everything if wins[i] == 0]
+        partial = [i for i in everything if 0 < wins[i] < n]
         keep_never = never
         if cfg.zero_pass_fraction is not None:
             f = cfg.zero_pass_fraction
@@ -267,7 +258,7 @@ class RLTrainer:
         pool = sorted(partial + keep_never)
         self.log({"event": "filter", "prompts": len(everything), "always_solved": len(solved),
                   "never_solved": len(never), "partly_solved": len(partial), "kept": len(pool),
-                  "kept_never_solved": len(keep_never), "mean_pass_rate": sum(rates) / len(rates)})
+                  "kept_never_solved": len(keep_never), "mean_pass_rate": sum(wins) / (n * len(wins))})
         if not pool:
             raise ValueError(f"prompt filtering left no prompts: all {len(everything)} were solved in every one of "
                              f"{cfg.filter_samples} attempts; use harder prompts or filter_samples=0")
@@ -422,14 +413,8 @@ class RLTrainer:
                              self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
-        model_sd, _ = ckpt.full_state(self.model, self.optimizer) if distributed.is_sharded(self.model) else (None, None)
-        final = self.out / "final"
-        if self.rank == 0:
-            model = self.model if model_sd is None else ckpt.plain_copy(self.model, model_sd)
-            dtype = torch.bfloat16 if self.cfg.export_dtype == "bfloat16" else torch.float32
-            save_model(model, final, dtype=dtype, copy_from=self.tok_dir)
-        distributed.barrier()
-        return final
+        """RUN/final: the trained model alone, in ``export_dtype``, for inference."""
+        return ckpt.export_final(self.model, self.optimizer, self.out / "final", self.cfg.export_dtype, self.tok_dir)
 
     def run(self) -> dict:
         cfg = self.cfg

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .plots import _pyplot, plot_expert_load, read_metrics
+from .plots import open_run, plot_expert_load
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -24,11 +24,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_rl(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    plt = _pyplot()
-    if plt is None or not path.is_file():
+    plt, recs = open_run(run_dir)
+    if plt is None:
         return []
-    recs = read_metrics(path)
     steps = [r for r in recs if "reward" in r]
     evals = [r for r in recs if "eval_accuracy" in r]
     if not steps and not evals:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import load_model, read_json, save_model
+from ..loading import load_model, read_json
 from ..models import build_model
 from ..presets import preset_config
 from ..tokenizer import Tokenizer
@@ -51,8 +51,33 @@ from .loss import LOSS_MODES, loss_count, loss_sum, per_token_sum, token_losses,
 from .optim import build_optimizer, lr_at, set_lr
 
 
+class Options:
+    """A dataclass of options built from a dict that must name only its fields, then validated."""
+    kind = "training"
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.kind} option(s) {', '.join(map(repr, unknown))}")
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def requirement(self, source: str):
+        """need(cond, key, what): raise naming the option and its value unless ``cond``."""
+        def need(cond, key, what):
+            if not cond:
+                raise ValueError(f"{source}: {key}={getattr(self, key)!r}: {what}")
+        return need
+
+    def validate(self, source: str = "config") -> None:
+        pass
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     stage: str = "pretrain"                  # pretrain | sft
     data: list[str] = field(default_factory=list)
     val_data: list[str] = field(default_factory=list)
@@ -100,20 +125,8 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown training option(s) {', '.join(map(repr, unknown))}")
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
-
     def validate(self, source: str = "config") -> None:
-        def need(cond, key, what):
-            if not cond:
-                raise ValueError(f"{source}: {key}={getattr(self, key)!r}: {what}")
+        need = self.requirement(source)
         need(self.stage in ("pretrain", "sft"), "stage", "must be 'pretrain' or 'sft'")
         need(bool(self.data), "data", "give at least one data file")
         need(bool(self.init) != bool(self.preset), "init", "give exactly one of init (a checkpoint) or preset")
@@ -154,7 +167,15 @@ def build_sources(cfg: TrainConfig, tok: Tokenizer, pad_id: int):
         if val is None:
             docs, val = split_validation(docs, cfg.val_fraction, cfg.seed)
         train_src = PretrainSource(tokenize_documents(tok, docs), cfg.seq_len, cfg.seed)
-        val_src = PretrainSource(tokenize_documents(tok, val), cfg.seq_len, cfg.seed, shuffle=False) if val else None
+        val_tokens = tokenize_documents(tok, val) if val else None
+        if val_tokens is not None and sum(map(len, val_tokens)) < cfg.seq_len + 1:
+            # Found now, not after the training steps when the first evaluation packs it.
+            what = (f"--val-data {' '.join(cfg.val_data)}" if cfg.val_data else
+                    f"the validation split (--val-fraction {cfg.val_fraction} of the documents)")
+            raise DataError(f"{what} has only {sum(map(len, val_tokens))} tokens, fewer than one row of "
+                            f"--seq-len {cfg.seq_len} + 1: give more validation data, a larger --val-fraction or "
+                            f"a smaller --seq-len")
+        val_src = PretrainSource(val_tokens, cfg.seq_len, cfg.seed, shuffle=False) if val else None
         return train_src, val_src
 
     def examples(paths):
@@ -332,14 +353,7 @@ class Trainer:
 
     def export(self) -> Path:
         """RUN/final: the trained model alone, in ``export_dtype``, for inference."""
-        model_sd, _ = ckpt.full_state(self.model, self.optimizer) if distributed.is_sharded(self.model) else (None, None)
-        final = self.out / "final"
-        if self.rank == 0:
-            model = self.model if model_sd is None else ckpt.plain_copy(self.model, model_sd)
-            dtype = torch.bfloat16 if self.cfg.export_dtype == "bfloat16" else torch.float32
-            save_model(model, final, dtype=dtype, copy_from=self.tok_dir)
-        distributed.barrier()
-        return final
+        return ckpt.export_final(self.model, self.optimizer, self.out / "final", self.cfg.export_dtype, self.tok_dir)
 
     # ------------------------------------------------------------------------------ run
     def say(self, text: str) -> None:

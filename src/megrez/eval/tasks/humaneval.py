@@ -25,18 +25,16 @@ def extract_code(response: str) -> str:
     return max(blocks, key=len) if blocks else response
 
 
-def program(problem: dict, response: str, template: str = "chat") -> str:
+def program(problem: dict, response: str) -> str:
+    """A raw completion (no fence, no new ``def entry_point``) is a body continuation, so one
+    rule serves both renderings."""
     entry = problem["entry_point"]
-    if template == "raw":
-        body = problem["prompt"] + response
+    code = extract_code(response)
+    if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
+        imports = "\n".join(line for line in problem["prompt"].splitlines() if line.startswith(("import ", "from ")))
+        body = imports + "\n" + code
     else:
-        code = extract_code(response)
-        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
-            imports = "\n".join(line for line in problem["prompt"].splitlines()
-                                if line.startswith(("import ", "from ")))
-            body = imports + "\n" + code
-        else:
-            body = problem["prompt"] + code
+        body = problem["prompt"] + code
     return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
 
 
@@ -46,8 +44,8 @@ class HumanEval(Task):
     stop = STOP
     parallel_grading = True
 
-    def __init__(self, timeout: float = 3.0, template: str = "chat", data: str | None = None):
-        self.timeout, self.template, self.data = float(timeout), template, data
+    def __init__(self, timeout: float = 3.0, data: str | None = None):
+        self.timeout, self.data = float(timeout), data
 
     def examples(self) -> list[Example]:
         try:
@@ -67,9 +65,9 @@ class HumanEval(Task):
         return ex.question
 
     def grade(self, ex: Example, response: str) -> Grade:
-        result = run_python(program(ex.meta["problem"], response, self.template), timeout=self.timeout)
+        result = run_python(program(ex.meta["problem"], response), timeout=self.timeout)
         return Grade(result.passed, extracted=response if response.strip() else None,
                      detail={"result": result.status if result.passed else f"{result.status}: {result.detail[-300:]}"})
 
     def describe(self) -> dict:
-        return {"task": self.name, "timeout": self.timeout, "template": self.template}
+        return {"task": self.name, "timeout": self.timeout}
