@@ -71,6 +71,9 @@ RULES = [
     Rule(r"^lm_eval |lm_eval_local\.py", skip="lm-evaluation-harness is not installed by setup "
                                               "(pip install 'lm-eval[api]')"),
     Rule(r"^schemathesis run", skip="tests/test_server_fuzz.py runs schemathesis against the same server (slow)"),
+    Rule(r"^python benchmarks/(prefix_chat|compare_load)\.py", skip="a benchmark of two servers for minutes; its "
+         "result is the table after it"),
+    Rule(r"^git worktree add", skip="needs the project's git history (the load comparison's baseline checkout)"),
     Rule(r"^python -m scripts\.train_bench --preset megrez2-200m --seq-len 2048",
          skip="a GPU throughput measurement (16 x 2048 tokens a step)"),
     Rule(r"--device cuda", gpu=True),

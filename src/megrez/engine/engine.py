@@ -31,6 +31,7 @@ from .sampling import LogitsProcessor, SampleResult, SamplingParams, make_genera
 log = logging.getLogger("megrez.engine")
 
 DEFAULT_BLOCK_SIZE = 16
+WEIGHT_SCAN_STEPS = 64  # how often the weights' tensor list is collected again (see _weights_fingerprint)
 # Prompt logprobs need the logits of every prompt position: bound those of one forward pass.
 PROMPT_LOGITS_BYTES = 256 << 20
 
@@ -154,9 +155,9 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.offload = None  # an ExpertOffload when routed experts live in host memory
-        self._weights_seen = self._weights_fingerprint()
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cached_prompt_tokens": 0, "generation_tokens": 0,
                       "requests_finished": 0, "requests_failed": 0, "preemptions": 0, "steps": 0}
+        self._weights_seen = self._weights_fingerprint()
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -225,8 +226,12 @@ class Engine:
     # ------------------------------------------------------------------------------ stepping
     def _weights_fingerprint(self) -> tuple:
         """Changes whenever a weight is modified in place (an optimizer step, a copy_ from a
-        trainer) or replaced: tensors count their in-place writes."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        trainer) or replaced: tensors count their in-place writes. Walking the modules costs
+        more than a decode step of a small model, so the tensor list is collected again only
+        every WEIGHT_SCAN_STEPS steps (replacing a tensor is rare; writing one is not)."""
+        if self.stats["steps"] % WEIGHT_SCAN_STEPS == 0 or not hasattr(self, "_weight_tensors"):
+            self._weight_tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors = self._weight_tensors
         versions = 0
         for t in tensors:
             try:
