@@ -7,7 +7,7 @@
  * -ffp-contract=off (no fused multiply-adds), sums in index order. A compiler may vectorise
  * the loops only where that changes no rounding, so every build variant gives the same bytes.
  * Rounding to an integer is ggml's nearest_int (round half to even, |v| < 2^22); fp16 scales
- * are rounded to nearest even; Q8_0 uses roundf (halves away from zero) as ggml does.
+ * are rounded to nearest even; Q8_0 rounds halves away from zero (roundf) as ggml does.
  *
  * The K-quant searches (21 weighted least-squares fits per 32 weights for Q4_K, 19 grids per
  * 16 for Q6_K) dominate. The sub-blocks of a super-block are independent, so they run side by
@@ -84,7 +84,14 @@ static void q8_0_block(const float *x, uint8_t *y) {
     for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     put_f16(y, d);
-    for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+    for (int j = 0; j < 32; ++j) {
+        /* roundf (halves away from zero) without a libm call, so the loop vectorises: round to
+         * even, then move a half that went down to even up; t - a is exact (|a| <= 127) */
+        const float v = x[j] * id, a = fabsf(v);
+        float t = (a + 12582912.0f) - 12582912.0f;
+        t = t - a == -0.5f ? t + 1.0f : t;
+        y[2 + j] = (uint8_t)(int8_t)(int32_t)(v < 0.0f ? -t : t);
+    }
 }
 
 /* Q4_0 (levels 8, offset 8.5) and Q5_0 (16, 16.5): the weight of largest magnitude (first on
