@@ -4,15 +4,31 @@ Q4_K_M, same threads, runs interleaved.
 
     pip install llama-cpp-python          # builds llama.cpp from source (a benchmark oracle, not a dependency)
     python benchmarks/vs_llama_cpp.py --threads 2
+    python benchmarks/vs_llama_cpp.py --llama-bench ~/llama.cpp/build/bin/llama-bench --threads 2 --rounds 3
     python benchmarks/vs_llama_cpp.py --types q8_0 --layers 4 --decode 32 --prefill 128   # a quick look
 
 The checkpoint is written once into --work (random weights, megrez's tiny tokenizer), each type
 by ``megrez quantize`` (the GGUF llama.cpp reads; seconds per 100M weights with the C
 quantizer). Both engines then load the same file: ours with ``LLM(file.gguf)``, llama.cpp with
-``llama_cpp.Llama(file.gguf)``. Decode: greedy tokens after a short prompt, timed from the
-second token; prefill: one prompt of --prefill tokens. Each round runs every type in both
-engines, alternating which goes first; the best round counts. The last line is one JSON
-object; ours/llama.cpp >= 1.0 at decode for Q8_0 and Q4_K_M is the target.
+``llama_cpp.Llama(file.gguf)``, or with ``--llama-bench PATH`` llama.cpp's own benchmark
+binary (``llama-bench -m file.gguf -t THREADS -r 1 -p PREFILL -n DECODE``: its pp and tg tests,
+after its warm-up run), one process per run. Decode: greedy tokens after a short prompt, timed
+from the second token (llama-bench: its tg test, every token); prefill: one prompt of
+--prefill tokens. Each round runs every type in both engines, alternating which goes first;
+the table gives the best round and the median of the rounds, and the load average seen at each
+run. The last line is one JSON object, every round included; ours/llama.cpp >= 1.0 at decode
+for Q8_0 and Q4_K_M is the target.
+
+OpenMP's waiting policy decides a lot on a shared machine (docs/performance.md, *Threads on a
+shared machine*): ``import megrez`` sets ``GOMP_SPINCOUNT=1000`` for itself unless the user
+chose a policy, and llama.cpp's CPU backend waits at its barriers through the same libgomp. By
+default (``--llama-env megrez``) llama-bench runs with the same setting; ``--llama-env
+default`` gives it the environment as it was before megrez changed it (libgomp's defaults).
+With the llama-cpp-python bindings both engines share one process, so one policy.
+
+Our decode also reports the time inside the matrix products (``kernels.linear``,
+``linear_many`` and ``swiglu``, their Python wrappers included) per step: the rest of the step
+is the model's other torch operations and the engine's Python.
 """
 from __future__ import annotations
 
@@ -21,6 +37,8 @@ import megrez  # noqa: F401  (first: it sets the OpenMP waiting policy before to
 # isort: split
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,9 +46,16 @@ from pathlib import Path
 
 import torch
 
-from megrez import LLM, SamplingParams
+from megrez import LLM, SamplingParams, kernels
 from megrez.bench import device_name
 from megrez.tiny import create_tiny
+
+# The environment as it was before ``import megrez`` set its OpenMP waiting policy.
+_MEGREZ_SET = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+_USER_ENV = dict(os.environ)
+if all(os.environ.get(k) == v for k, v in _MEGREZ_SET.items()) and "OMP_WAIT_POLICY" not in os.environ:
+    for k in _MEGREZ_SET:
+        _USER_ENV.pop(k, None)
 
 
 def checkpoint(work: Path, layers: int) -> Path:
@@ -56,25 +81,64 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab - 10, (n,), generator=g).tolist()
 
 
+class ProductTimer:
+    """Wall time inside the model's matrix products (the kernels module's entry points the
+    models call, float and quantized), counted once where one calls another."""
+
+    NAMES = ("linear", "linear_many", "swiglu", "experts_swiglu")
+
+    def __init__(self):
+        self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, {}
+
+    def _wrap(self, f):
+        def timed(*args, **kwargs):
+            self._depth += 1
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - t
+                    self.calls += 1
+        return timed
+
+    def __enter__(self):
+        for name in self.NAMES:
+            self._saved[name] = getattr(kernels, name)
+            setattr(kernels, name, self._wrap(self._saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, f in self._saved.items():
+            setattr(kernels, name, f)
+
+
 def ours(path: Path, threads: int, decode: int, prefill: int) -> dict:
     torch.set_num_threads(threads)
     llm = LLM(str(path), device="cpu", max_model_len=prefill + decode + 16)
     engine, vocab = llm.engine, llm.model.args.vocab_size
 
-    def run(ids, n):
+    def run(ids, n, timer=None):
         """(seconds of the first step: prefill and first token, seconds of the other n - 1)"""
         engine.add_request(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         t = time.perf_counter()
         engine.step()
         t1 = time.perf_counter()
+        if timer is not None:
+            timer.seconds, timer.calls = 0.0, 0
         while engine.has_work():
             engine.step()
         return t1 - t, time.perf_counter() - t1
 
     run(prompt_ids(8, vocab), 4)  # warm-up
-    _, decode_s = run(prompt_ids(8, vocab), decode)
+    with ProductTimer() as timer:
+        _, decode_s = run(prompt_ids(8, vocab), decode, timer)
     prefill_s, _ = run(prompt_ids(prefill, vocab), 1)
-    return {"decode_tokens_per_s": (decode - 1) / decode_s, "prefill_tokens_per_s": prefill / prefill_s}
+    steps = decode - 1
+    return {"decode_tokens_per_s": steps / decode_s, "prefill_tokens_per_s": prefill / prefill_s,
+            "decode_ms_per_step": decode_s * 1e3 / steps, "products_ms_per_step": timer.seconds * 1e3 / steps,
+            "product_calls_per_step": timer.calls / steps}
 
 
 def theirs(path: Path, threads: int, decode: int, prefill: int) -> dict:
@@ -105,6 +169,22 @@ def theirs(path: Path, threads: int, decode: int, prefill: int) -> dict:
     return {"decode_tokens_per_s": len(times) / sum(times), "prefill_tokens_per_s": prefill / prefill_s}
 
 
+def llama_bench(binary: str, env: dict):
+    """A baseline running llama.cpp's llama-bench, one process per run."""
+    def run(path: Path, threads: int, decode: int, prefill: int) -> dict:
+        cmd = [binary, "-m", str(path), "-t", str(threads), "-r", "1", "-p", str(prefill), "-n", str(decode),
+               "-o", "json"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        tests = json.loads(r.stdout)
+        pp = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+        return {"decode_tokens_per_s": tg["avg_ts"], "prefill_tokens_per_s": pp["avg_ts"],
+                "build_commit": tg.get("build_commit"), "model_type": tg.get("model_type")}
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--types", nargs="+", default=["f32", "q8_0", "q4_k_m"], choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"])
@@ -112,40 +192,76 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode", type=int, default=64, help="tokens decoded per run")
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill run")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default="runs-out/vs-llama-cpp", help="where the checkpoint and GGUF files are kept")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="llama.cpp's llama-bench binary as the baseline (instead of the llama-cpp-python bindings)")
+    p.add_argument("--llama-env", choices=["megrez", "default"], default="megrez",
+                   help="llama-bench's OpenMP waiting policy: the one megrez sets for itself (GOMP_SPINCOUNT=1000), "
+                        "or the environment as it was before (libgomp's defaults)")
     a = p.parse_args(argv)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
+    if a.llama_bench:
+        if not os.access(a.llama_bench, os.X_OK):
+            sys.exit(f"{a.llama_bench}: not an executable llama-bench")
+        baseline = llama_bench(a.llama_bench, dict(os.environ) if a.llama_env == "megrez" else _USER_ENV)
+        baseline_name = "llama-bench " + ("(megrez's OpenMP policy)" if a.llama_env == "megrez" else "(its own env)")
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python (or pass --llama-bench PATH)")
+        baseline, baseline_name = theirs, "llama-cpp-python " + llama_cpp.__version__
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(work, a.layers)
     files = {t: gguf(work, ckpt, t) for t in a.types}
-    best: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     for r in range(a.rounds):
         for t, path in files.items():
-            engines = [("megrez", ours), ("llama.cpp", theirs)]
+            engines = [("megrez", ours), ("llama.cpp", baseline)]
             for name, run in engines if r % 2 == 0 else engines[::-1]:
+                load_before = os.getloadavg()[0]
                 res = run(path, a.threads, a.decode, a.prefill)
+                res["load_average"] = [load_before, os.getloadavg()[0]]
+                runs.setdefault((t, name), []).append(res)
+                extra = (f", products {res['products_ms_per_step']:.1f} of {res['decode_ms_per_step']:.1f} ms/step"
+                         if "products_ms_per_step" in res else "")
                 print(f"round {r + 1} {t:7s} {name:9s}: decode {res['decode_tokens_per_s']:7.1f} tok/s, "
-                      f"prefill {res['prefill_tokens_per_s']:7.1f} tok/s", file=sys.stderr)
-                key = (t, name)
-                if key not in best or res["decode_tokens_per_s"] > best[key]["decode_tokens_per_s"]:
-                    best[key] = res
-    print("type    | megrez decode | llama.cpp decode | ratio | megrez prefill | llama.cpp prefill | ratio")
+                      f"prefill {res['prefill_tokens_per_s']:7.1f} tok/s{extra} (load {load_before:.1f})",
+                      file=sys.stderr)
+
+    def summary(rs: list[dict]) -> dict:
+        out = {}
+        for k in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            out[k] = max(r[k] for r in rs)
+            out[k.replace("_tokens_per_s", "_median")] = statistics.median(r[k] for r in rs)
+        if "products_ms_per_step" in rs[0]:
+            out["decode_products_share"] = statistics.median(r["products_ms_per_step"] / r["decode_ms_per_step"]
+                                                             for r in rs)
+        return out
+
+    print(f"megrez against {baseline_name}, {a.threads} threads, best of {a.rounds} rounds (median in brackets)")
+    print("type    | megrez decode  | llama.cpp decode | ratio        | megrez prefill | llama.cpp prefill | ratio")
     rows = []
     for t in files:
-        m, l = best[(t, "megrez")], best[(t, "llama.cpp")]
+        m, l = summary(runs[(t, "megrez")]), summary(runs[(t, "llama.cpp")])
         row = {"type": t, "megrez": m, "llama_cpp": l,
                "decode_ratio": m["decode_tokens_per_s"] / l["decode_tokens_per_s"],
-               "prefill_ratio": m["prefill_tokens_per_s"] / l["prefill_tokens_per_s"]}
+               "prefill_ratio": m["prefill_tokens_per_s"] / l["prefill_tokens_per_s"],
+               "decode_ratio_median": m["decode_median"] / l["decode_median"],
+               "prefill_ratio_median": m["prefill_median"] / l["prefill_median"],
+               "rounds": {"megrez": runs[(t, "megrez")], "llama_cpp": runs[(t, "llama.cpp")]}}
         rows.append(row)
-        print(f"{t:7s} | {m['decode_tokens_per_s']:13.1f} | {l['decode_tokens_per_s']:16.1f} | {row['decode_ratio']:5.2f} | "
-              f"{m['prefill_tokens_per_s']:14.1f} | {l['prefill_tokens_per_s']:17.1f} | {row['prefill_ratio']:5.2f}")
+        print(f"{t:7s} | {m['decode_tokens_per_s']:6.1f} ({m['decode_median']:5.1f}) | "
+              f"{l['decode_tokens_per_s']:7.1f} ({l['decode_median']:5.1f}) | "
+              f"{row['decode_ratio']:5.2f} ({row['decode_ratio_median']:4.2f}) | "
+              f"{m['prefill_tokens_per_s']:6.1f} ({m['prefill_median']:5.1f}) | "
+              f"{l['prefill_tokens_per_s']:8.1f} ({l['prefill_median']:5.1f}) | "
+              f"{row['prefill_ratio']:5.2f} ({row['prefill_ratio_median']:4.2f})")
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": device_name(torch.device("cpu")),
-                      "threads": a.threads, "layers": a.layers, "decode": a.decode, "prefill": a.prefill, "rows": rows}))
+                      "baseline": baseline_name, "llama_env": a.llama_env if a.llama_bench else None,
+                      "kernels": kernels.variant, "threads": a.threads, "layers": a.layers, "decode": a.decode,
+                      "prefill": a.prefill, "rounds": a.rounds, "rows": rows}))
     return 0
 
 
