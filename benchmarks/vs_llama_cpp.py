@@ -28,7 +28,11 @@ With the llama-cpp-python bindings both engines share one process, so one policy
 
 Our decode also reports the time inside the matrix products (``kernels.linear``,
 ``linear_many`` and ``swiglu``, their Python wrappers included) per step: the rest of the step
-is the model's other torch operations and the engine's Python.
+is the model's other torch operations and the engine's Python. ``--profile`` runs only our
+decode of each type under ``torch.profiler`` (the products marked as one range) and prints
+where a step's time goes; it needs no llama.cpp:
+
+    python benchmarks/vs_llama_cpp.py --profile --types q8_0 q4_k_m --threads 2
 """
 from __future__ import annotations
 
@@ -169,6 +173,68 @@ def theirs(path: Path, threads: int, decode: int, prefill: int) -> dict:
     return {"decode_tokens_per_s": len(times) / sum(times), "prefill_tokens_per_s": prefill / prefill_s}
 
 
+def profile(path: Path, threads: int, decode: int, top: int = 12) -> dict:
+    """Our decode under torch.profiler: time per step in the products and in the torch ops
+    outside them (self CPU time), the ops counted per step."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(threads)
+    llm = LLM(str(path), device="cpu", max_model_len=decode + 32)
+    engine, vocab = llm.engine, llm.model.args.vocab_size
+    saved = {name: getattr(kernels, name) for name in ProductTimer.NAMES}
+
+    def marked(f):
+        def call(*args, **kwargs):
+            with record_function("megrez::products"):
+                return f(*args, **kwargs)
+        return call
+
+    engine.add_request(prompt_ids(8, vocab), SamplingParams(temperature=0, max_tokens=decode + 1, ignore_eos=True))
+    for _ in range(2):  # the prompt's step and a first decode step, not profiled
+        engine.step()
+    for name, f in saved.items():
+        setattr(kernels, name, marked(f))
+    try:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            steps = 0
+            while engine.has_work():
+                engine.step()
+                steps += 1
+            wall = time.perf_counter() - t
+    finally:
+        for name, f in saved.items():
+            setattr(kernels, name, f)
+    ms: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    products_us, product_calls = 0.0, 0
+    for e in prof.events():
+        if e.name == "megrez::products":
+            if not _inside_products(e.cpu_parent):
+                products_us += e.cpu_time_total
+                product_calls += 1
+        elif not _inside_products(e.cpu_parent):  # ops inside the products count with them
+            ms[e.name] = ms.get(e.name, 0.0) + e.self_cpu_time_total / 1e3 / steps
+            calls[e.name] = calls.get(e.name, 0) + 1
+    ops = sorted(ms.items(), key=lambda kv: -kv[1])
+    step_ms = wall * 1e3 / steps
+    return {"steps": steps, "ms_per_step": step_ms, "products_ms_per_step": products_us / 1e3 / steps,
+            "product_calls_per_step": product_calls / steps,
+            "torch_ops_outside_products_per_step": sum(calls.values()) / steps,
+            "torch_ops_outside_products_ms_per_step": sum(ms.values()),
+            "top_ops_outside_products": [{"op": k, "self_ms_per_step": v, "calls_per_step": calls[k] / steps}
+                                         for k, v in ops[:top]]}
+
+
+def _inside_products(e) -> bool:
+    while e is not None:
+        if e.name == "megrez::products":
+            return True
+        e = e.cpu_parent
+    return False
+
+
 def llama_bench(binary: str, env: dict):
     """A baseline running llama.cpp's llama-bench, one process per run."""
     def run(path: Path, threads: int, decode: int, prefill: int) -> dict:
@@ -199,7 +265,26 @@ def main(argv=None) -> int:
     p.add_argument("--llama-env", choices=["megrez", "default"], default="megrez",
                    help="llama-bench's OpenMP waiting policy: the one megrez sets for itself (GOMP_SPINCOUNT=1000), "
                         "or the environment as it was before (libgomp's defaults)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile our decode of each type (torch.profiler) instead of comparing; no llama.cpp needed")
     a = p.parse_args(argv)
+    if a.profile:
+        work = Path(a.work)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint(work, a.layers)
+        out = {}
+        for t in a.types:
+            r = out[t] = profile(gguf(work, ckpt, t), a.threads, a.decode)
+            rest = r["ms_per_step"] - r["products_ms_per_step"] - r["torch_ops_outside_products_ms_per_step"]
+            print(f"{t}: {r['ms_per_step']:.1f} ms/step under the profiler: products {r['products_ms_per_step']:.1f} ms "
+                  f"({r['product_calls_per_step']:.0f} calls), {r['torch_ops_outside_products_per_step']:.0f} other torch "
+                  f"ops {r['torch_ops_outside_products_ms_per_step']:.1f} ms, Python and the rest {rest:.1f} ms; "
+                  "the other ops (self ms/step, calls/step):")
+            for o in r["top_ops_outside_products"]:
+                print(f"    {o['op']:40s} {o['self_ms_per_step']:7.2f} {o['calls_per_step']:7.1f}")
+        print(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": device_name(torch.device("cpu")),
+                          "kernels": kernels.variant, "threads": a.threads, "layers": a.layers, "profile": out}))
+        return 0
     if a.llama_bench:
         if not os.access(a.llama_bench, os.X_OK):
             sys.exit(f"{a.llama_bench}: not an executable llama-bench")

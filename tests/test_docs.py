@@ -73,6 +73,10 @@ RULES = [
     Rule(r"^schemathesis run", skip="tests/test_server_fuzz.py runs schemathesis against the same server (slow)"),
     Rule(r"^python benchmarks/(prefix_chat|compare_load)\.py", skip="a benchmark of two servers for minutes; its "
          "result is the table after it"),
+    Rule(r"^python benchmarks/vs_llama_cpp\.py --llama-bench", skip="needs a llama.cpp build (llama-bench); minutes per "
+         "round at full size; its result is the table after it"),
+    Rule(r"^python benchmarks/vs_llama_cpp\.py --profile", subs=[(r"--decode \d+", ""), (r"$", " --layers 2 --decode 4")],
+         why="the 340M checkpoint takes a minute to write on 2 cores: the same profile of a 2-layer one"),
     Rule(r"^git worktree add", skip="needs the project's git history (the load comparison's baseline checkout)"),
     Rule(r"^python -m scripts\.train_bench --preset megrez2-200m --seq-len 2048",
          skip="a GPU throughput measurement (16 x 2048 tokens a step)"),
