@@ -1,6 +1,8 @@
 """The benchmark commands run end to end on a tiny shape and report consistent numbers."""
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import timing
@@ -68,3 +70,40 @@ def test_a_shape_too_big_for_this_machine_is_refused_before_allocating(monkeypat
     assert "needs about" in err and "8.00 GiB is available" in err and "--shape megrez2-350m" in err
     assert main(["bench", "--shape", "megrez2-3x7b-a3b", "--device", "cpu"]) == 2
     assert "needs about" in capsys.readouterr().err
+
+
+def test_vs_llama_cpp_with_a_llama_bench_binary(tmp_path):
+    """benchmarks/vs_llama_cpp.py --llama-bench runs the binary with the same threads and sizes,
+    reads its JSON and reports both engines and the ratios (a stand-in binary: CI has no
+    llama.cpp), with megrez's OpenMP waiting policy passed on unless --llama-env default."""
+    fake = tmp_path / "llama-bench"
+    log = tmp_path / "calls.txt"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+a = sys.argv[1:]
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps({{"argv": a, "spin": os.environ.get("GOMP_SPINCOUNT")}}) + "\\n")
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+base = {{"build_commit": "test", "model_type": "llama test"}}
+print(json.dumps([dict(base, n_prompt=p, n_gen=0, avg_ts=100.0), dict(base, n_prompt=0, n_gen=n, avg_ts=10.0)]))
+""")
+    fake.chmod(0o755)
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "vs_llama_cpp.py")
+    common = ["--types", "q8_0", "--layers", "2", "--decode", "6", "--prefill", "16", "--threads", "1",
+              "--work", str(tmp_path / "work"), "--llama-bench", str(fake)]
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
+    r = timing.run([sys.executable, script, *common, "--rounds", "2"], timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    (row,) = out["rows"]
+    assert row["type"] == "q8_0" and len(row["rounds"]["megrez"]) == len(row["rounds"]["llama_cpp"]) == 2
+    assert row["llama_cpp"]["decode_tokens_per_s"] == 10.0 and row["llama_cpp"]["prefill_tokens_per_s"] == 100.0
+    m = row["megrez"]
+    assert m["decode_tokens_per_s"] > 0 and 0 < m["decode_products_share"] <= 1
+    assert row["decode_ratio"] == pytest.approx(m["decode_tokens_per_s"] / 10.0)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 2 and all(c["argv"][c["argv"].index("-t") + 1] == "1" for c in calls)
+    assert all(c["spin"] == "1000" for c in calls)  # the policy megrez gives itself
+    r = timing.run([sys.executable, script, *common, "--rounds", "1", "--llama-env", "default"], timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(log.read_text().splitlines()[-1])["spin"] is None
