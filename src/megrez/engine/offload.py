@@ -366,8 +366,10 @@ class ExpertCache:
         # Later layers may not take the slots that earlier queued layers still have to fill.
         earlier_missing = sum(1 for _, _, ks in self.routed for k in ks if k not in self.slot_of)
         self.routed.append((layer, owner, keys))
+        if not self.prefetch_enabled:
+            return  # nothing moves ahead, so nothing needs holding for this layer yet
         self._protect(layer, keys)
-        if not self.prefetch_enabled or earlier_missing:
+        if earlier_missing:
             return
         for key in keys:
             if key not in self.slot_of:
@@ -411,6 +413,7 @@ class ExpertCache:
         self._finish_running()
         layer, keys = self._next_layer(owner, experts)
         self.routed.popleft()
+        self._protect(layer, keys)
         self.running = (layer, keys)
         for key in keys:
             self.stats.uses += 1
@@ -495,6 +498,7 @@ class ExpertOffload:
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r} (choose {', '.join(POLICIES)})")
         self.model, self.policy_name = model, policy
+        self.budget: dict | None = None  # how a memory budget was split (llm.plan_offload)
         owners = sorted({args.owner(i) for i in range(args.num_hidden_layers) if args.is_moe(i)})
         host = {o: model.layers[o].mlp.experts for o in owners}
         total = len(owners) * args.n_routed_experts
@@ -536,11 +540,12 @@ class ExpertOffload:
 
     @property
     def stats(self) -> dict:
-        """Counters so far (GPU: folds in copy timings, which synchronises)."""
-        self.cache.collect_timings()
+        """Counters so far (GPU copy timings are folded in by the engine after each step)."""
+        if not getattr(self.cache.transfer, "cuda", False):
+            self.cache.collect_timings()
         return {"tier": self.tier, "policy": self.policy_name, "prefetch": self.cache.prefetch_enabled,
                 "slots": self.cache.num_slots, "cache_bytes": self.cache.nbytes, **self.cache.stats.as_dict(),
-                **self.cache.transfer.describe()}
+                **self.cache.transfer.describe(), **({"budget_split": self.budget} if self.budget else {})}
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
