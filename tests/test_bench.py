@@ -68,3 +68,17 @@ def test_a_shape_too_big_for_this_machine_is_refused_before_allocating(monkeypat
     assert "needs about" in err and "8.00 GiB is available" in err and "--shape megrez2-350m" in err
     assert main(["bench", "--shape", "megrez2-3x7b-a3b", "--device", "cpu"]) == 2
     assert "needs about" in capsys.readouterr().err
+
+
+def test_bench_offload_storage_tier_keeps_tokens_identical(tmp_path):
+    out = run("bench-offload", "--tier", "storage", "--shape", "megrez2-mini", "--checkpoint", str(tmp_path / "ckpt"),
+              "--budgets", "min", "50%", "--batch", "1", "2", "--output", "4")
+    rows = [r for r in out["rows"] if r["mode"] != "all-in-RAM"]
+    assert {r["mode"] for r in rows} == {"prefetch", "lru", "sync", "mmap"}
+    assert {r["routing"] for r in rows} == {"uniform", "trained"}
+    assert all(r["identical_to_all_in_ram"] for r in rows)
+    assert all(r["ceiling_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows)
+    assert out["sequential_read_bandwidth"] > 0 and out["io"] == "O_DIRECT"
+    assert 0 < out["trace"]["next_token_reuse"] < 1
+    hit = {(r["routing"], r["batch"], r["budget"]): r["hit_rate"] for r in rows if r["mode"] == "prefetch"}
+    assert all(hit[k[0], k[1], "50%"] > hit[k[0], k[1], "min"] for k in hit)
