@@ -305,7 +305,7 @@ class Replay:
 
 def decode(model, batch: int, output: int, replay, kv_bytes: int, seed: int = 0):
     """Greedy decode of ``batch`` random prompts: per-step seconds and storage bytes (after two
-    warm-up steps), the tokens of every row."""
+    warm-up steps), the tokens of every row, and the process's CPU seconds per step (all threads)."""
     engine = Engine(model, None, max_num_seqs=batch, max_model_len=PROMPT + output + 1, kv_cache_memory=kv_bytes)
     gen = torch.Generator().manual_seed(seed)
     reqs = [engine.add_request(torch.randint(0, model.args.vocab_size, (PROMPT,), generator=gen).tolist(),
@@ -314,15 +314,17 @@ def decode(model, batch: int, output: int, replay, kv_bytes: int, seed: int = 0)
     if replay is not None:
         replay.step = 0
     engine.step()  # prefill
-    times, reads = [], []
+    times, reads, cpu = [], [], []
     while engine.running:
         if replay is not None:
             replay.step += 1
-        r, t = storage_read_bytes(), time.perf_counter()
+        r, t, c = storage_read_bytes(), time.perf_counter(), time.process_time()
         engine.step()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         reads.append(storage_read_bytes() - r)
-    return times[2:] or times, reads[2:] or reads, [list(q.output_ids) for q in reqs]
+    cpu = cpu[2:] or cpu
+    return times[2:] or times, reads[2:] or reads, [list(q.output_ids) for q in reqs], sum(cpu) / len(cpu)
 
 
 def resolve_budgets(texts: list[str], fixed: int, pool: int, per_expert: int, top_k: int) -> list[tuple[str, int]]:
@@ -433,17 +435,28 @@ def _bench(a, ckpt: Path, dtype, cpu: str) -> dict:
         for batch in a.batch:
             for rep in range(a.repeat):
                 for label, budget in budgets:
-                    times, _, want = decode(full, batch, a.output, replay, kv, a.seed)
-                    compute = sum(times) / len(times)
-                    row = {"routing": routing, "batch": batch, "budget": label, "mode": "all-in-RAM", "repeat": rep,
-                           "tokens_per_s": batch / compute, "step_ms": compute * 1e3}
-                    rows.append(row)
-                    print(_line(row), flush=True)
+                    # All-in-RAM right before and after the budget's modes: their mean is the
+                    # compute time of the rows between (the machine's load drifts).
+                    times, _, want, cpu = decode(full, batch, a.output, replay, kv, a.seed)
+                    ref = {"routing": routing, "batch": batch, "budget": label, "mode": "all-in-RAM", "repeat": rep,
+                           "step_ms": 1e3 * sum(times) / len(times), "cpu_ms_per_step": cpu * 1e3}
+                    cycle = []
                     for mode in a.modes:
-                        row = _run(lean, store, mode, batch, a, replay, kv, budget - fixed, compute, bandwidth, want)
+                        cycle.append((mode, _run(lean, store, mode, batch, a, replay, kv, budget - fixed, want)))
+                    times, _, _, cpu = decode(full, batch, a.output, replay, kv, a.seed)
+                    ref["step_ms"] = (ref["step_ms"] + 1e3 * sum(times) / len(times)) / 2
+                    ref["cpu_ms_per_step"] = (ref["cpu_ms_per_step"] + cpu * 1e3) / 2
+                    ref["tokens_per_s"] = batch / ref["step_ms"] * 1e3
+                    rows.append(ref)
+                    print(_line(ref), flush=True)
+                    compute = ref["step_ms"] / 1e3
+                    for mode, row in cycle:
+                        floor = max(compute, row["read_bytes_per_step"] / bandwidth)
                         row.update(routing=routing, budget=label, budget_bytes=budget, repeat=rep,
                                    experts_share=min((budget - fixed) // per_expert, pool) / pool,
-                                   peak_rss_bytes=lean_rss + row["rss_growth_bytes"])
+                                   peak_rss_bytes=lean_rss + row["rss_growth_bytes"], compute_ms=compute * 1e3,
+                                   ceiling_tokens_per_s=batch / floor, of_ceiling=floor / (row["step_ms"] / 1e3),
+                                   vs_all_in_ram=ref["step_ms"] / row["step_ms"])
                         row["within_budget"] = row["peak_rss_bytes"] <= budget
                         rows.append(row)
                         print(_line(row), flush=True)
@@ -458,7 +471,7 @@ def _bench(a, ckpt: Path, dtype, cpu: str) -> dict:
     return summary
 
 
-def _run(model, store, mode, batch, a, replay, kv, cache, compute, bandwidth, want) -> dict:
+def _run(model, store, mode, batch, a, replay, kv, cache, want) -> dict:
     for f in store.paths:
         drop_cached(f)
     gc.collect()
@@ -471,7 +484,7 @@ def _run(model, store, mode, batch, a, replay, kv, cache, compute, bandwidth, wa
         offload = ExpertOffload(model, torch.device("cpu"), cache, policy="lru" if mode == "lru" else "group",
                                 prefetch=mode != "sync", storage=store, io_threads=a.io_threads)
     try:
-        times, reads, tokens = decode(model, batch, a.output, replay, kv, a.seed)
+        times, reads, tokens, cpu = decode(model, batch, a.output, replay, kv, a.seed)
         growth = _status("VmHWM:") - before
         s = offload.stats if offload is not None else None
     finally:
@@ -482,12 +495,10 @@ def _run(model, store, mode, batch, a, replay, kv, cache, compute, bandwidth, wa
         del offload, mmapped
         gc.collect()
     step = sum(times) / len(times)
-    read_per_step = sum(reads) / len(reads)
-    floor = max(compute, read_per_step / bandwidth)
     n_steps = len(times) + 2
     row = {"batch": batch, "mode": mode, "tokens_per_s": batch / step, "step_ms": step * 1e3,
-           "compute_ms": compute * 1e3, "ceiling_tokens_per_s": batch / floor, "of_ceiling": floor / step,
-           "read_mib_per_step": read_per_step / 2 ** 20, "rss_growth_bytes": growth,
+           "cpu_ms_per_step": cpu * 1e3, "read_bytes_per_step": sum(reads) / len(reads),
+           "read_mib_per_step": sum(reads) / len(reads) / 2 ** 20, "rss_growth_bytes": growth,
            "identical_to_all_in_ram": tokens == want}
     if s is not None:
         row.update(hit_rate=s["hit_rate"], exposed_io_ms_per_step=s["copy_seconds_exposed"] / n_steps * 1e3,
@@ -501,14 +512,15 @@ def _line(r: dict) -> str:
         v = r.get(key)
         return "-" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
     return " | ".join([f("routing"), f("batch"), f("budget"), f("mode"), f("tokens_per_s"), f("ceiling_tokens_per_s"),
-                       f("of_ceiling", "{:.0%}"), f("hit_rate", "{:.0%}"), f("exposed_io_ms_per_step"),
-                       f("read_mib_per_step"),
+                       f("of_ceiling", "{:.0%}"), f("vs_all_in_ram", "{:.2f}"), f("hit_rate", "{:.0%}"),
+                       f("exposed_io_ms_per_step", "{:.1f}"), f("read_mib_per_step", "{:.1f}"),
+                       f("cpu_ms_per_step", "{:.0f}"),
                        "-" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 2 ** 20:.0f}",
                        f("within_budget"), f("identical_to_all_in_ram")])
 
 
-HEADER = ("routing | batch | budget | mode | tok/s | ceiling tok/s | of ceiling | hit rate | exposed I/O ms/step | "
-          "read MiB/step | peak RSS MiB | within budget | same tokens")
+HEADER = ("routing | batch | budget | mode | tok/s | ceiling tok/s | of ceiling | x all-in-RAM | hit rate | "
+          "exposed I/O ms/step | read MiB/step | CPU ms/step | peak RSS MiB | within budget | same tokens")
 
 
 def add_storage_args(p) -> None:

@@ -270,6 +270,7 @@ class ExpertCache:
         self.num_slots = transfer.num_slots
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
+        self.free: list[int] = list(range(self.num_slots))[::-1]  # empty slots, lowest on top
         self.pending: dict[int, object] = {}        # slot -> transfer handle not yet waited for
         self.needed_by: dict[Key, set[int]] = {}    # key -> layers (queued or running) that need it
         self.prefetched_keys: set[Key] = set()
@@ -299,7 +300,7 @@ class ExpertCache:
                 if not users:
                     del self.needed_by[key]
             if not self.reuse and key in self.slot_of:
-                self._drop(key)  # the naive baseline: nothing survives its use, not even for the group
+                self._evict(key)  # the naive baseline: nothing survives its use, not even for the group
 
     def _finish_running(self) -> None:
         """The last computed layer is done (its products were issued): its keys may go."""
@@ -318,13 +319,15 @@ class ExpertCache:
         self.prefetched_keys.discard(key)
         return slot
 
+    def _evict(self, key: Key) -> None:
+        self.free.append(self._drop(key))
+
     def _free_slot(self, running: int | None = None) -> int | None:
         """A slot to fill: an empty one, else a victim among unprotected keys. With ``running``
         (a layer that must compute now), keys that only layers queued after it need may be
         taken as a last resort."""
-        for slot, key in enumerate(self.key_of):
-            if key is None:
-                return slot
+        if self.free:
+            return self.free.pop()
         candidates = [k for k in self.slot_of if k not in self.needed_by]
         if not candidates and running is not None:
             candidates = [k for k in self.slot_of if running not in self.needed_by[k]]
@@ -363,18 +366,18 @@ class ExpertCache:
         self._finish_running()
         self.policy.on_layer(layer)
         keys = [(owner, e) for e in experts]
-        # Later layers may not take the slots that earlier queued layers still have to fill.
+        # A later layer may not take the slots that earlier queued layers still have to fill.
         earlier_missing = sum(1 for _, _, ks in self.routed for k in ks if k not in self.slot_of)
         self.routed.append((layer, owner, keys))
         if not self.prefetch_enabled:
             return  # nothing moves ahead, so nothing needs holding for this layer yet
         self._protect(layer, keys)
-        if earlier_missing:
-            return
+        room = len(self.free) + sum(1 for k in self.slot_of if k not in self.needed_by) - earlier_missing
         for key in keys:
             if key not in self.slot_of:
-                if self._bring(key) is None:
-                    break  # full of protected experts: the rest come in when the layer computes
+                if room <= 0 or self._bring(key) is None:
+                    break  # the rest come in when the layer computes
+                room -= 1
                 self.prefetched_keys.add(key)
 
     def _next_layer(self, owner: int, experts: list[int]) -> tuple[int, list[Key]]:
@@ -390,19 +393,10 @@ class ExpertCache:
 
     def fits_at_once(self) -> bool:
         """Whether the next layer's experts can all be in slots together (then their weights
-        stay valid until the layer is done, and the bank may compute them in one go)."""
-        if not self.routed:
-            return False
-        layer, _, keys = self.routed[0]
-        if len(keys) > self.num_slots:
-            return False
-        missing = sum(1 for k in keys if k not in self.slot_of)
-        if not missing:
-            return True
-        free = sum(1 for k in self.key_of if k is None)
-        wanted = set(keys)
-        takeable = sum(1 for k in self.slot_of if k not in wanted and layer not in self.needed_by.get(k, ()))
-        return free + takeable >= missing
+        stay valid until the layer is done, and the bank may compute them in one go). Every
+        slot the layer's experts do not hold can be taken for them (see :meth:`_free_slot`),
+        so this is a matter of numbers."""
+        return bool(self.routed) and len(self.routed[0][2]) <= self.num_slots
 
     def acquire(self, owner: int, experts: list[int], at_once: bool = False):
         """Yields (expert, (gate, up, down)) for the oldest routed layer, waiting only for

@@ -16,8 +16,8 @@ the file is read normally and its pages are dropped right after with
 
 A file that changes under a running model must not produce wrong tokens: every read checks
 the file's size, inode and modification time against those seen at load, a short read is an
-error, and each expert's bytes carry a cheap checksum (64-bit XOR) taken at its first read and
-checked at every later one. Errors are :class:`~megrez.loading.CheckpointError`\\ s naming the
+error, and each expert's bytes carry a cheap checksum (64-bit XOR of samples spread over them)
+taken at its first read and checked at every later one. Errors are :class:`~megrez.loading.CheckpointError`\\ s naming the
 file, the tensor and the byte range.
 """
 from __future__ import annotations
@@ -233,13 +233,26 @@ def _close_all(files) -> None:
         f.close()
 
 
+SAMPLES = 64  # 64-byte blocks an expert's checksum covers, spread over its bytes
+
+
 def _checksum(buf: np.ndarray) -> int:
-    """64-bit XOR of the bytes (padded with zeros to a multiple of 8): cheap (memory speed) and
-    changed by any single-word change."""
-    n = len(buf) - len(buf) % 8
-    words = buf[:n].view(np.uint64)
-    value = int(np.bitwise_xor.reduce(words)) if n else 0
-    return value ^ int.from_bytes(bytes(buf[n:]), "little") ^ len(buf)
+    """64-bit XOR of ``SAMPLES`` 64-byte blocks spread evenly over ``buf`` (its first and last
+    included) and of its length. A pass over every byte would cost about as much CPU as the
+    read itself (0.1-0.5 ms per MiB measured on a 2-core machine, time taken from the compute
+    threads); the samples cost microseconds. Changes made through the file system are caught
+    by the size/inode/mtime check in any case; this catches the rest wherever it lands on a
+    sample (a rewritten tensor always does)."""
+    n = len(buf)
+    if n <= SAMPLES * 64:
+        picked = buf
+    else:
+        starts = np.linspace(0, n - 64, SAMPLES).astype(np.int64)
+        picked = buf[starts[:, None] + np.arange(64)].reshape(-1)
+    m = len(picked) - len(picked) % 8
+    words = np.ascontiguousarray(picked[:m]).view(np.uint64)
+    value = int(np.bitwise_xor.reduce(words)) if m else 0
+    return value ^ int.from_bytes(bytes(picked[m:]), "little") ^ n
 
 
 class StorageTransfer(Transfer):
