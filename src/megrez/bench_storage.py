@@ -16,9 +16,9 @@ the next run). Modes per budget:
   budget leaves for experts, as the kernel's reclaim would under a memory cgroup limit.
 
 ``all-in-RAM`` (every expert loaded) gives the compute time and the tokens every mode must
-reproduce. Routing: ``uniform`` (the random router: every expert about equally likely, the
-worst case for a cache) and ``trained`` (the experts the bundled trained Megrez2 chose while
-generating, mapped onto the shape: see :func:`trained_trace`).
+reproduce. Routing: ``uniform`` (experts drawn uniformly and independently for every token:
+the worst case for a cache, see :func:`uniform_trace`) and ``trained`` (the experts the bundled
+trained Megrez2 chose while generating, mapped onto the shape: see :func:`trained_trace`).
 
 Ceiling of each row: batch / max(compute step time, bytes the mode read from storage per step /
 measured read bandwidth), the read bandwidth being the larger of an O_DIRECT sequential read of
@@ -273,6 +273,17 @@ def trained_trace(args, routing: list, trained: dict, rows: int, steps: int) -> 
     return trace
 
 
+def uniform_trace(args, rows: int, steps: int, seed: int = 0) -> list:
+    """Experts drawn uniformly at random, independently for every token and layer: no locality
+    at all, the worst case for a cache (a random-weight router is not that: its choices follow
+    the slowly changing hidden state, so consecutive tokens share experts)."""
+    g = torch.Generator().manual_seed(seed)
+    moe = [i for i in range(args.num_hidden_layers) if args.is_moe(i)]
+    e, k = args.n_routed_experts, args.num_experts_per_tok
+    return [[{layer: torch.randperm(e, generator=g)[:k].tolist() for layer in moe} for _ in range(steps)]
+            for _ in range(rows)]
+
+
 def trace_statistics(trace, args) -> dict:
     """Next-token reuse of a layer's experts, the share of the top quarter of experts, and the
     overlap of consecutive layers of a sharing group (the same token)."""
@@ -412,18 +423,20 @@ def _bench(a, ckpt: Path, dtype, cpu: str) -> dict:
           f"experts of {format_bytes(store.expert_bytes)} ({store.reads_per_expert} read each, {store.io_mode}); "
           f"storage read {seq_bw / 1e9:.2f} GB/s sequential, {exp_bw / 1e9:.2f} GB/s in expert reads on "
           f"{a.io_threads} threads", flush=True)
-    replays, tstats = {}, None
+    replays, tstats = {}, {}
+    if "uniform" in a.routing:
+        trace = uniform_trace(args, max(a.batch), steps + 1, seed=a.seed)
+        tstats["uniform"] = trace_statistics(trace, args)
+        replays["uniform"] = Replay(trace)
     if "trained" in a.routing:
         routing, trained = record_trained_routing(16, steps + 1, seed=a.seed)
         trace = trained_trace(args, routing, trained, max(a.batch), steps + 1)
-        tstats = trace_statistics(trace, args)
-        print(f"trained routing ({trained['experts']} experts, top-{trained['top_k']}, mapped): next-token reuse "
-              f"{tstats['next_token_reuse']:.0%}, top quarter of experts {tstats['top_quarter_share']:.0%} of "
-              f"selections, overlap with the previous layer of the group {tstats['group_layer_overlap']:.0%}",
-              flush=True)
+        tstats["trained"] = trace_statistics(trace, args)
         replays["trained"] = Replay(trace)
-    if "uniform" in a.routing:
-        replays["uniform"] = None
+    for name, t in tstats.items():
+        print(f"{name} routing: next-token reuse {t['next_token_reuse']:.0%}, top quarter of experts "
+              f"{t['top_quarter_share']:.0%} of selections, overlap with the previous layer of the group "
+              f"{t['group_layer_overlap']:.0%}", flush=True)
     # The all-in-RAM model stays loaded, so that its compute time is measured next to every
     # budgeted run (the machine's load drifts); a budgeted run's peak RSS is what it grew by
     # over the loaded models plus the lean model's own RSS.
