@@ -107,3 +107,18 @@ print(json.dumps([dict(base, n_prompt=p, n_gen=0, avg_ts=100.0), dict(base, n_pr
     r = timing.run([sys.executable, script, *common, "--rounds", "1", "--llama-env", "default"], timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(log.read_text().splitlines()[-1])["spin"] is None
+
+
+def test_bench_offload_storage_tier_keeps_tokens_identical(tmp_path):
+    out = run("bench-offload", "--tier", "storage", "--shape", "megrez2-mini", "--checkpoint", str(tmp_path / "ckpt"),
+              "--budgets", "min", "50%", "--batch", "1", "2", "--output", "4")
+    rows = [r for r in out["rows"] if r["mode"] != "all-in-RAM"]
+    assert {r["mode"] for r in rows} == {"prefetch", "lru", "sync", "mmap"}
+    assert {r["routing"] for r in rows} == {"uniform", "trained"}
+    assert all(r["identical_to_all_in_ram"] for r in rows)
+    assert all(r["ceiling_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows)
+    assert out["sequential_read_bandwidth"] > 0 and out["io"] == "O_DIRECT"
+    trained, uniform = out["trace"]["trained"], out["trace"]["uniform"]
+    assert 0 < trained["next_token_reuse"] < 1 and uniform["next_token_reuse"] < 0.4
+    hit = {(r["routing"], r["batch"], r["budget"]): r["hit_rate"] for r in rows if r["mode"] == "prefetch"}
+    assert all(hit[k[0], k[1], "50%"] > hit[k[0], k[1], "min"] for k in hit)

@@ -247,31 +247,80 @@ def _fmt(v):
     return "-" if v is None else v
 
 
+def budget_text(text: str) -> str:
+    """argparse type for --budgets: a size; with --tier storage also ``min`` or ``N%``."""
+    from .cli import size_text
+
+    if text == "min" or (text.endswith("%") and text[:-1].replace(".", "", 1).isdigit()):
+        return text
+    return size_text(text)
+
+
+HOST_MODES = ["prefetch", "lru", "cache-only", "naive"]
+
+
+def run(a) -> dict:
+    if a.tier == "storage":
+        from .bench_storage import MODES, bench_storage
+
+        a.modes = a.modes or list(MODES)
+        a.budgets = a.budgets or ["min", "12.5%", "25%", "50%", "100%"]
+        a.routing = a.routing or ["uniform", "trained"]
+        a.batch = a.batch or [1, 4]
+        a.output = a.output or 24
+        a.kv_cache_memory = a.kv_cache_memory or 16 << 20
+        bad = [m for m in a.modes if m not in MODES] + [r for r in a.routing if r not in ("uniform", "trained")]
+        if bad:
+            raise ValueError(f"--tier storage: {', '.join(bad)} not available (modes: {', '.join(MODES)}; "
+                             f"routing: uniform, trained)")
+        return bench_storage(a)
+    a.modes = a.modes or HOST_MODES
+    a.budgets = a.budgets or ["5GiB", "6GiB", "8GiB", "10GiB", "12GiB"]
+    a.routing = a.routing or ["uniform", "trace"]
+    a.batch = a.batch or [1, 8]
+    a.output = a.output or 64
+    a.kv_cache_memory = a.kv_cache_memory or 256 << 20
+    bad = [m for m in a.modes if m not in HOST_MODES] + [r for r in a.routing if r not in ("uniform", "trace")]
+    bad += [b for b in a.budgets if b == "min" or b.endswith("%")]
+    if bad:
+        raise ValueError(f"--tier host: {', '.join(bad)} not available (modes: {', '.join(HOST_MODES)}; routing: "
+                         f"uniform, trace; budgets: sizes)")
+    return bench(a)
+
+
 def register(sub) -> None:
-    from .cli import device_arg, size_arg, size_text
+    from .bench_storage import add_storage_args
+    from .cli import device_arg, size_arg
 
     p = sub.add_parser("bench-offload", help="decode speed with experts offloaded, swept over memory budgets",
                        description=__doc__.split("\n\n")[0])
+    p.add_argument("--tier", default="host", choices=["host", "storage"],
+                   help="host: experts in host memory, cached on the device (--gpu-memory-budget); storage: experts "
+                        "in the checkpoint file, cached in RAM (--memory-budget; see megrez.bench_storage)")
     p.add_argument("--shape", default="megrez2-350m", choices=sorted(k for k in SHAPES if k.startswith("megrez2")),
                    help="named Megrez2 shape with random weights (megrez.presets)")
     p.add_argument("--kv-heads", type=int, default=None, help="override the shape's KV head count")
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (auto: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--budgets", nargs="+", default=["5GiB", "6GiB", "8GiB", "10GiB", "12GiB"], type=size_text,
-                   metavar="SIZE", help="device memory budgets to sweep (e.g. 6GiB, 512MiB)")
-    p.add_argument("--modes", nargs="+", default=["prefetch", "lru", "cache-only", "naive"],
-                   choices=["prefetch", "lru", "cache-only", "naive"],
-                   help="prefetch: the engine; lru: prefetch with plain LRU; cache-only: no prefetch; "
-                        "naive: on-demand loads, no reuse")
-    p.add_argument("--routing", nargs="+", default=["uniform", "trace"], choices=["uniform", "trace"],
-                   help="uniform: the random router; trace: a synthetic trace with a trained MoE's locality")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to run")
+                   help="weight dtype (auto: float32 on CPU, bfloat16 on GPU; --tier storage: bfloat16)")
+    p.add_argument("--budgets", nargs="+", default=None, type=budget_text, metavar="SIZE",
+                   help="memory budgets to sweep (e.g. 6GiB, 512MiB; --tier storage also min and N%% of the routed "
+                        "experts; default host: 5GiB 6GiB 8GiB 10GiB 12GiB, storage: min 12.5%% 25%% 50%% 100%%)")
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                   help="host: prefetch (the engine), lru (prefetch with plain LRU), cache-only (no prefetch), naive "
+                        "(on-demand loads, no reuse); storage: prefetch, lru, sync (no prefetch), mmap (memory-mapped "
+                        "file, page faults). Default: all of the tier's")
+    p.add_argument("--routing", nargs="+", default=None, metavar="ROUTING",
+                   help="uniform: the random router; host: trace (a synthetic trace with a trained MoE's locality); "
+                        "storage: trained (the bundled trained model's recorded routing). Default: both")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default host: 1 8, storage: 1 4)")
     p.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
-    p.add_argument("--output", type=int, default=64, help="tokens to decode per sequence")
-    p.add_argument("--kv-cache-memory", type=size_arg, default=256 << 20, metavar="SIZE",
-                   help="KV cache inside each budget, e.g. 512KiB or 256MiB (default: 256MiB)")
+    p.add_argument("--output", type=int, default=None,
+                   help="tokens to decode per sequence (default host: 64, storage: 24)")
+    p.add_argument("--kv-cache-memory", type=size_arg, default=None, metavar="SIZE",
+                   help="KV cache inside each budget, e.g. 512KiB or 256MiB (default host: 256MiB, storage: 16MiB)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="skip the all-on-device run (it needs the whole model on the device)")
+                   help="host: skip the all-on-device run (it needs the whole model on the device)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and requests")
-    p.set_defaults(func=lambda a: bench(a) and 0)
+    add_storage_args(p)
+    p.set_defaults(func=lambda a: run(a) and 0)

@@ -127,9 +127,15 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     g.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", type=size_arg,
                    help="Megrez2: device memory to use (e.g. 6GiB); routed experts stay in host memory and "
                         "are cached on the device, prefetched from the pre-gate")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE", type=size_arg,
+                   help="Megrez2 on a CPU: host memory to use (e.g. 3GiB); routed experts stay in the checkpoint "
+                        "files and are read (direct I/O) into a RAM expert cache, prefetched from the pre-gate")
     g.add_argument("--offload-policy", default="group", choices=["group", "lru"],
-                   help="expert cache eviction policy with --gpu-memory-budget (default: group)")
-    g.add_argument("--no-prefetch", action="store_true", help="with --gpu-memory-budget: load experts on demand")
+                   help="expert cache eviction policy with --gpu-memory-budget or --memory-budget (default: group)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="with --gpu-memory-budget or --memory-budget: load experts only when a layer needs them")
+    g.add_argument("--io-threads", type=int, default=4, metavar="N",
+                   help="with --memory-budget: threads reading experts from storage (reads in flight at once)")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed and expert-cache statistics to stderr")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for tensor ops (default: one per core). On a machine shared with other busy "
@@ -168,7 +174,8 @@ def make_llm(a, max_num_seqs: int = 1, kv_cache_memory: int | None = None, **eng
     return LLM(a.model, device=a.device, dtype=a.dtype, router_bias=a.router_bias, quantization=a.quantization,
                max_model_len=a.max_model_len,
                max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory, gpu_memory_budget=a.gpu_memory_budget,
-               offload_policy=a.offload_policy, prefetch=not a.no_prefetch, **engine_options)
+               memory_budget=a.memory_budget, offload_policy=a.offload_policy, prefetch=not a.no_prefetch,
+               io_threads=a.io_threads, **engine_options)
 
 
 def announce_template(llm) -> None:
@@ -199,11 +206,24 @@ def report(llm, a, seconds: float) -> None:
               f"{req.first_token_time - req.arrival:.3f}s, decode {max(n - 1, 0) / max(decode, 1e-9):.1f} tokens/s]",
               file=sys.stderr)
     if llm.offload is not None:
-        s = llm.offload.stats
-        print(f"[expert cache: {s['slots']} slots ({format_bytes(s['cache_bytes'])}), hit rate {s['hit_rate']:.1%}, "
-              f"prefetched {s['prefetched']}, on demand {s['misses']}, copied {format_bytes(s['bytes_copied'])}, "
-              f"copy time {s['copy_seconds']:.3f}s of which exposed {s['copy_seconds_exposed']:.3f}s]",
-              file=sys.stderr)
+        print(offload_summary(llm.offload.stats), file=sys.stderr)
+
+
+def offload_summary(s: dict) -> str:
+    """One line of expert-cache statistics (--verbose)."""
+    line = (f"[expert cache ({s['tier']}, {s['policy']}): {s['slots']} slots ({format_bytes(s['cache_bytes'])}), "
+            f"hit rate {s['hit_rate']:.1%}, prefetched {s['prefetched']}, on demand {s['misses']}")
+    if s["tier"] == "storage-to-ram":
+        stalls = s["per_layer_stall_seconds"]
+        worst = max(stalls, key=stalls.get) if stalls else None
+        line += (f"; read {format_bytes(s['bytes_read'])} in {s['reads']} reads ({s['io']}, "
+                 f"{s['read_bandwidth'] / 1e9:.2f} GB/s), I/O time {s['copy_seconds']:.3f}s: hidden "
+                 f"{s['copy_seconds_hidden']:.3f}s, exposed {s['copy_seconds_exposed']:.3f}s"
+                 + (f" (most in layer {worst}: {stalls[worst]:.3f}s)" if worst is not None else "") + "]")
+    else:
+        line += (f", copied {format_bytes(s['bytes_copied'])}, copy time {s['copy_seconds']:.3f}s of which exposed "
+                 f"{s['copy_seconds_exposed']:.3f}s]")
+    return line
 
 
 def read_constraint(a) -> dict:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from .engine import Engine, RequestOutput, SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.sampling import SampleResult
@@ -54,25 +56,58 @@ class LLM:
     as the pre-gate names them (``offload_policy``: "group" or "lru"; ``prefetch=False`` to
     compare).
 
+    ``memory_budget`` (e.g. "3GiB"; Megrez2 on a CPU) is a host-memory budget: everything but
+    the routed experts is loaded, the experts stay in the checkpoint files and are read into a
+    fixed-size RAM cache (direct I/O on ``io_threads`` threads), prefetched from the pre-gate
+    in the same way (see :mod:`megrez.engine.storage`).
     ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, in
     llama.cpp's block formats (see :mod:`megrez.quant`)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
                  router_bias: str | None = None, quantization: str | None = None, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_budget: str | int | None = None,
-                 offload_policy: str = "group", prefetch: bool = True, **engine_options):
-        budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None  # fail before loading
+                 memory_budget: str | int | None = None, offload_policy: str = "group", prefetch: bool = True,
+                 io_threads: int = 4, direct_io: bool = True, **engine_options):
+        # Sizes and combinations are checked before anything loads.
+        budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None
+        ram_budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        if budget is not None and ram_budget is not None:
+            raise ValueError("--memory-budget (experts read from storage into RAM) and --gpu-memory-budget (experts "
+                             "copied from RAM to the GPU) cannot be combined yet; choose one")
+        if ram_budget is not None:
+            if device not in ("auto", "cpu") and torch.device(device).type != "cpu":
+                raise ValueError("--memory-budget is a host-memory budget for running on the CPU (--device cpu); "
+                                 "on a GPU use --gpu-memory-budget")
+            device = "cpu"
         self.path = resolve_model_path(model) if model is not None else default_model()
         overrides = {"router_bias": router_bias} if router_bias else {}
         self.tokenizer = Tokenizer(tokenizer_path(self.path))
         self.offload = None
-        if budget is None:
+        if budget is None and ram_budget is None:
             self.model = load_model(self.path, device=device, dtype=dtype, quantization=quantization, **overrides)
-        else:
+        elif budget is not None:
             self.model = load_model(self.path, device=device, dtype=dtype, expert_device="cpu",
                                     quantization=quantization, **overrides)
             self.offload, kv_cache_memory = plan_offload(self.model, budget, kv_cache_memory, offload_policy,
                                                          prefetch)
+        else:
+            from .engine.storage import ExpertStore
+            from .loading import checkpoint_shards
+
+            if not hasattr(self.path, "is_dir") or not self.path.is_dir():
+                raise ValueError(f"{self.path}: --memory-budget reads routed experts from safetensors files; "
+                                 f"a GGUF file cannot be used with it yet")
+            self.model = load_model(self.path, device="cpu", dtype=dtype, expert_device="meta",
+                                    quantization=quantization, **overrides)
+            if not hasattr(self.model.args, "owner"):
+                raise ValueError("--memory-budget leaves routed experts in the checkpoint files: it needs a Megrez2 "
+                                 "(MoE) model; this one is dense")
+            store = ExpertStore(self.model, checkpoint_shards(self.path), self.model.model.embed_tokens.weight.dtype,
+                                direct=direct_io)
+            self.offload, kv_cache_memory = plan_offload(
+                self.model, ram_budget, kv_cache_memory, offload_policy, prefetch, storage=store,
+                io_threads=io_threads, prefill_chunk=engine_options.get("prefill_chunk", 1024),
+                max_num_seqs=max_num_seqs)
         self.engine = Engine(self.model, self.tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              kv_cache_memory=kv_cache_memory, **engine_options)
         self.engine.offload = self.offload
@@ -243,19 +278,39 @@ class LLM:
 ACTIVATION_MARGIN = 256 << 20  # room for activations and logits on the device
 
 
-def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, prefetch: bool):
-    """Split a device memory budget: non-expert weights (already there), the KV cache, a margin
-    for activations, and an expert cache for the rest. Returns (offload, KV cache bytes)."""
+def activation_bytes(args, prefill_chunk: int, max_num_seqs: int) -> int:
+    """Host memory a forward pass allocates beyond the weights and the KV cache, at most: a
+    prefill chunk's hidden states and MLP intermediates in float32, and the logits rows."""
+    widest = max(args.intermediate_size, (getattr(args, "n_shared_experts", 0) or 0) * args.moe_intermediate_size,
+                 args.moe_intermediate_size * args.num_experts_per_tok)
+    per_token = 4 * (8 * args.hidden_size + 3 * widest)
+    return prefill_chunk * per_token + 3 * max_num_seqs * args.vocab_size * 4
+
+
+def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, prefetch: bool, storage=None,
+                 io_threads: int = 4, prefill_chunk: int = 1024, max_num_seqs: int = 16):
+    """Split a memory budget (the device's, or with ``storage`` the host's): non-expert weights
+    (already there), the KV cache, a margin for activations, and an expert cache for the rest.
+    Returns (offload, KV cache bytes); ``offload.budget`` records the split."""
     args = model.args
+    flag = "--memory-budget" if storage is not None else "--gpu-memory-budget"
     if not hasattr(args, "owner"):
-        raise ValueError("--gpu-memory-budget offloads routed experts: it needs a Megrez2 (MoE) model")
+        raise ValueError(f"{flag} offloads routed experts: it needs a Megrez2 (MoE) model")
     device = model.model.embed_tokens.weight.device
     resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
-    margin = ACTIVATION_MARGIN if device.type == "cuda" else 0
+    if storage is not None:
+        from .engine.storage import StorageTransfer
+
+        margin = activation_bytes(args, prefill_chunk, max_num_seqs)
+        expert = StorageTransfer.slot_bytes(storage)
+        staging = 0 if storage.views else io_threads * storage.span
+    else:
+        margin = ACTIVATION_MARGIN if device.type == "cuda" else 0
+        expert = 3 * args.hidden_size * args.moe_intermediate_size * next(model.parameters()).element_size()
+        staging = 0
     left = budget - resident - margin
     kv = kv_cache_memory if kv_cache_memory is not None else max(min(1 << 30, left // 4), 0)
-    expert = 3 * args.hidden_size * args.moe_intermediate_size * next(model.parameters()).element_size()
-    need = args.num_experts_per_tok * expert
+    need = args.num_experts_per_tok * expert + staging
     cache = left - kv
     if cache < need:
         raise ValueError(f"a memory budget of {format_bytes(budget)} is too small: the non-expert weights take "
@@ -263,4 +318,8 @@ def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, p
                          f"{format_bytes(margin)}, leaving {format_bytes(max(cache, 0))} for experts; one layer "
                          f"needs {format_bytes(need)} (raise the budget to at least "
                          f"{format_bytes(budget - cache + need)})")
-    return ExpertOffload(model, device, cache, policy=policy, prefetch=prefetch), kv
+    offload = ExpertOffload(model, device, cache, policy=policy, prefetch=prefetch, storage=storage,
+                            io_threads=io_threads)
+    offload.budget = {"budget": budget, "resident": resident, "kv_cache": kv, "activations": margin,
+                      "experts": offload.cache.nbytes}
+    return offload, kv

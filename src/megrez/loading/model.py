@@ -60,7 +60,8 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
     """Load a checkpoint directory (or hub id). Returns the model in eval mode, without grads.
 
     ``overrides`` are config values set on top of config.json (e.g. ``router_bias="owner"``);
-    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading);
+    ``expert_device`` places routed expert banks elsewhere (``"cpu"`` for offloading to a GPU;
+    ``"meta"`` leaves them in the files, for the storage tier);
     ``quantization`` ("q8_0", "q4_0", "q4_k_m") quantizes the weights while they load, one tensor
     at a time, so host memory peaks near the quantized size (see :mod:`megrez.quant.recipe`)."""
     path = resolve_model_path(path)
@@ -78,17 +79,35 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
         from ..quant.recipe import QUANTIZED_SCHEMES, check_scheme, tensor_types
 
         if expert_device is not None:
-            raise ValueError("quantized weights cannot be offloaded yet (drop --gpu-memory-budget or --quantization)")
+            flag = "--memory-budget" if torch.device(expert_device).type == "meta" else "--gpu-memory-budget"
+            raise ValueError(f"quantized weights cannot be offloaded yet (drop {flag} or --quantization)")
         scheme = check_scheme(quantization, QUANTIZED_SCHEMES)
         quantize_modules(model, tensor_types(model, scheme), device=device)
         model.quantization = scheme
     elif auto and device.type == "cpu" and dtype == torch.float32:
         dtype = _fit_host_memory(model, config)
-    materialize(model, device, dtype, torch.device(expert_device) if expert_device is not None else None)
-    load_weights(model, checkpoint_shards(path), progress=progress)
+    expert_device = torch.device(expert_device) if expert_device is not None else None
+    materialize(model, device, dtype, expert_device)
+    shards = checkpoint_shards(path)
+    in_files = expert_device is not None and expert_device.type == "meta"
+    load_weights(model, shards, progress=progress, skip_routed_experts=in_files)
+    if in_files:
+        # What loading read is not needed again: keep it out of the page cache too.
+        for shard in shards:
+            drop_page_cache(shard)
     model.hf_config = config
     model.eval().requires_grad_(False)
     return model
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to drop a file's cached pages (where it supports the advice)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization, **overrides):
@@ -99,7 +118,9 @@ def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization,
     if quantization is not None:
         raise ValueError(f"{path}: a GGUF file keeps its own tensor types; drop --quantization")
     if expert_device is not None:
-        raise ValueError("routed experts of a GGUF file cannot be offloaded yet (drop --gpu-memory-budget)")
+        flag = "--memory-budget" if torch.device(expert_device).type == "meta" else "--gpu-memory-budget"
+        raise ValueError(f"routed experts of a GGUF file cannot be offloaded yet (drop {flag}, or use the "
+                         f"safetensors checkpoint)")
     ckpt = GGUFCheckpoint(path)
     device = resolve_device(device)
     dtype = torch.float32 if dtype in (None, "auto") and device.type == "cpu" else resolve_dtype(dtype, {}, device)
@@ -126,10 +147,12 @@ def _fit_host_memory(model, config: dict) -> torch.dtype:
     return stored
 
 
-def load_weights(model: torch.nn.Module, files: list, progress: bool | None = None) -> None:
+def load_weights(model: torch.nn.Module, files: list, progress: bool | None = None,
+                 skip_routed_experts: bool = False) -> None:
     """Copy every tensor of the checkpoint ``files`` (paths of safetensors files, or readers with
     ``path``, ``keys()``, ``shape(key)`` and ``read(key)``) into place, quantizing it on the way
-    where the model holds that weight quantized."""
+    where the model holds that weight quantized. ``skip_routed_experts``: leave the routed
+    expert tensors in the files (read later by the storage tier of offloading)."""
     from ..quant.formats import QuantTensor, quantize
     from ..quant.modules import quant_tensors
 
@@ -155,11 +178,20 @@ def load_weights(model: torch.nn.Module, files: list, progress: bool | None = No
                 if key in seen:
                     raise CheckpointError(f"{file}: tensor {key!r} also appears in {seen[key]}")
                 ours, index = names[key]
+                if skip_routed_experts and index is not None:
+                    seen[key] = file  # engine.storage.ExpertStore checks these tensors' shapes and dtypes
+                    continue
                 target = targets[ours] if index is None else targets[ours][index]
                 shape = reader.shape(key)
                 if shape != list(target.shape):
                     raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
                                           f"expected {list(target.shape)} from config.json")
+                if isinstance(reader, SafetensorsFile) and not isinstance(target, QuantTensor):
+                    with torch.no_grad():
+                        reader.read_into(key, target)
+                    seen[key] = file
+                    bar.update(target.numel() * reader.entries[key][0].itemsize)
+                    continue
                 tensor = reader.read(key)
                 with torch.no_grad():
                     if isinstance(target, QuantTensor):

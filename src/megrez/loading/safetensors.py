@@ -100,6 +100,26 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def read_into(self, key: str, target: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
+        """Copy (and cast) tensor ``key`` into ``target`` a few rows at a time, so loading holds
+        at most ``chunk_bytes`` beyond the model (a whole embedding table would be hundreds of MiB)."""
+        dtype, shape, begin, end = self.entries[key]
+        if not shape or end - begin <= chunk_bytes:
+            target.copy_(self.read(key))
+            return
+        row = (end - begin) // shape[0]
+        rows = max(chunk_bytes // max(row, 1), 1)
+        buf = bytearray(rows * row)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            for r in range(0, shape[0], rows):
+                n = min(rows, shape[0] - r)
+                view = memoryview(buf)[:n * row]
+                if f.readinto(view) != len(view):
+                    raise CheckpointError(f"{self.path}: tensor {key!r} could not be read in full; the file is "
+                                          f"truncated")
+                target[r:r + n].copy_(torch.frombuffer(view, dtype=dtype).reshape(n, *shape[1:]))
+
 
 def model_config(model) -> dict:
     """config.json for a model: the config it was loaded from (unknown keys preserved),

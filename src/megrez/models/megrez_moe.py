@@ -151,22 +151,23 @@ class Model(TransformerLM):
         return weights, indices
 
     def run_layers(self, h, ctx, cos, sin):
-        y_prev = None
+        n, ahead = len(self.layers), None
         for i, layer in enumerate(self.layers):
             moe = self.args.is_moe(i)
-            routing = None
-            if moe and self.args.pre_gate and y_prev is not None:
-                # Known before this layer's attention: the window to prefetch its experts.
-                routing = self.route_layer(i, y_prev)
+            routing, ahead = ahead, None
             h, y = layer.attention_block(h, ctx, cos, sin)
+            if moe and routing is None:  # no pre-gating, or an MoE layer with no layer before it
+                routing = self.route_layer(i, y)
+            if self.args.pre_gate and i + 1 < n and self.args.is_moe(i + 1):
+                # Layer i+1's router reads y_i: its experts are known now, before layer i's own
+                # MLP and layer i+1's attention run -- the window to fetch them (the routing
+                # hooks are called here).
+                ahead = self.route_layer(i + 1, y)
             if moe:
-                if routing is None:  # no pre-gating, or an MoE layer with no layer before it
-                    routing = self.route_layer(i, y)
                 bank = self.layers[self.args.owner(i)].mlp.experts
                 h = h + layer.mlp(y, *routing, bank)
             else:
                 h = h + layer.mlp(y)
-            y_prev = y
         return h
 
     def checkpoint_names(self):

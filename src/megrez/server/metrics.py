@@ -119,4 +119,12 @@ def render(engine_loop, api_errors: Counter, model_name: str, limits_hit: Counte
         e.metric("megrez_expert_copy_seconds_total", "counter", "Time spent copying experts, by whether "
                  "computation waited for it.", [({"kind": "hidden"}, float(s["copy_seconds_hidden"])),
                                                 ({"kind": "exposed"}, float(s["copy_seconds_exposed"]))])
+        e.metric("megrez_expert_stall_seconds_total", "counter", "Time each layer waited for its experts.",
+                 [({"layer": str(layer)}, float(v)) for layer, v in s["per_layer_stall_seconds"].items()])
+        if s["tier"] == "storage-to-ram":
+            e.metric("megrez_expert_read_bytes_total", "counter", "Bytes read from the checkpoint files for "
+                     "routed experts (with direct-I/O alignment).", s["bytes_read"])
+            e.metric("megrez_expert_reads_total", "counter", "Reads issued for routed experts.", s["reads"])
+            e.metric("megrez_expert_read_bandwidth_bytes_per_second", "gauge", "Bytes read per second of I/O time "
+                     "(time with a read in flight).", float(s["read_bandwidth"]))
     return e.text()
