@@ -6,7 +6,8 @@ split from the rest of each step.
     python benchmarks/quantized_decode.py --schemes q4_k_m --threads 2 --output 48 --rounds 3
     python benchmarks/quantized_decode.py --prefill-only --prompt 512      # int8 GEMM vs dequantize + MKL
 
-Weights are ``megrez bench``'s random quantized models (``random_model(quantization=...)``):
+Weights are ``megrez bench``'s random quantized models (``random_model(quantization=...,
+random_weights="blocks")``):
 llama.cpp's type mix for the scheme (megrez.quant.recipe), allocated quantized and filled with
 random blocks whose scales match a 0.02-std initialisation; kernel speed does not depend on the
 values.
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     models = {}
     for scheme in a.schemes:
         models[scheme] = random_model(a.shape, torch.device("cpu"), torch.float32,
-                                      quantization=None if scheme == "f32" else scheme)
+                                      quantization=None if scheme == "f32" else scheme, random_weights="blocks")
     best: dict[str, dict] = {}
     for r in range(a.rounds):
         bw = measure_read_bandwidth(torch.device("cpu"), 512 << 20)

@@ -7,8 +7,8 @@ Q4_K_M, same threads, runs interleaved.
     python benchmarks/vs_llama_cpp.py --types q8_0 --layers 4 --decode 32 --prefill 128   # a quick look
 
 The checkpoint is written once into --work (random weights, megrez's tiny tokenizer), each type
-by ``megrez quantize`` (the GGUF llama.cpp reads; quantizing a K-type takes minutes per 100M
-weights). Both engines then load the same file: ours with ``LLM(file.gguf)``, llama.cpp with
+by ``megrez quantize`` (the GGUF llama.cpp reads; seconds per 100M weights with the C
+quantizer). Both engines then load the same file: ours with ``LLM(file.gguf)``, llama.cpp with
 ``llama_cpp.Llama(file.gguf)``. Decode: greedy tokens after a short prompt, timed from the
 second token; prefill: one prompt of --prefill tokens. Each round runs every type in both
 engines, alternating which goes first; the best round counts. The last line is one JSON

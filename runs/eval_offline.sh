@@ -13,7 +13,8 @@ RANDOM_CKPT=$OUT/random-megrez2
 for model in bundled random; do
   args=(--threads "$THREADS" --max-tokens 96 --no-progress --out "$OUT/$model")
   [ "$model" = random ] && args+=(--model "$RANDOM_CKPT")
-  python -m megrez.cli eval "${args[@]}" --task arithmetic --task-option n=200 \
-      --task gsm8k-sample --task mmlu-dev --task ifeval > "$OUT/$model.jsonl"
+  # --task-option applies to every --task of a command: arithmetic's pool size on its own.
+  python -m megrez.cli eval "${args[@]}" --task arithmetic --task-option n=200 > "$OUT/$model.jsonl"
+  python -m megrez.cli eval "${args[@]}" --task gsm8k-sample --task mmlu-dev --task ifeval >> "$OUT/$model.jsonl"
   python -m megrez.cli eval "${args[@]}" --task humaneval --samples 1 >> "$OUT/$model.jsonl"
 done

@@ -92,6 +92,7 @@ def llm(tiny_moe):
     return LLM(tiny_moe, max_num_seqs=1)
 
 
+@pytest.mark.slow
 def test_line_editing_history_and_commands(chat):
     c = chat("-t", "0", "--max-tokens", "4")
     c.proc.send("helo")
@@ -114,6 +115,7 @@ def test_line_editing_history_and_commands(chat):
     assert c.proc.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_a_paste_is_one_message_whatever_its_size(chat, llm):
     c = chat("-t", "0", "--max-tokens", "4")
     c.paste("first line\nsecond line\nthird line")
@@ -138,6 +140,7 @@ def test_a_paste_is_one_message_whatever_its_size(chat, llm):
     assert c.close() == 0
 
 
+@pytest.mark.slow
 def test_save_then_load_restores_the_conversation(chat, llm, tmp_path):
     c = chat("-t", "0", "--max-tokens", "6", "--system", "You are terse.")
     c.say("hello")
@@ -160,6 +163,7 @@ def test_save_then_load_restores_the_conversation(chat, llm, tmp_path):
     assert c.close() == 0
 
 
+@pytest.mark.slow
 def test_a_conversation_beyond_the_context_keeps_going(chat, llm):
     context, max_tokens = 160, 12
     c = chat("-t", "0", "--max-tokens", max_tokens, "--max-model-len", context, "--system", "Be brief.")
@@ -185,6 +189,7 @@ def test_a_conversation_beyond_the_context_keeps_going(chat, llm):
     assert c.close() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_answer_keeps_the_history_consistent(chat, llm):
     c = chat("-t", "0", "--max-tokens", "6")
     c.say("hi")
@@ -210,6 +215,7 @@ def test_ctrl_c_mid_answer_keeps_the_history_consistent(chat, llm):
     assert c.close() == 0
 
 
+@pytest.mark.slow
 def test_set_changes_sampling_and_max_tokens_cut_is_shown(chat):
     c = chat("--max-tokens", "3")
     out = c.say("/set temperature 0.2")

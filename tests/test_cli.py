@@ -14,6 +14,7 @@ def megrez(*args, stdin=None, env=None, timeout=120):
                       env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_create_tiny_info_and_generate_json(tmp_path):
     out = tmp_path / "m"
     r = megrez("create-tiny", out, "--arch", "moe")
@@ -31,6 +32,7 @@ def test_create_tiny_info_and_generate_json(tmp_path):
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_text_streams_same_as_api(tiny_moe):
     r = megrez("generate", "你好", "--model", tiny_moe, "-t", "0", "--max-tokens", "16")
     assert r.returncode == 0, r.stderr
@@ -38,6 +40,7 @@ def test_generate_text_streams_same_as_api(tiny_moe):
     assert r.stdout == expected.text + "\n"
 
 
+@pytest.mark.slow
 def test_chat_with_piped_stdin_keeps_history(tiny_moe):
     r = megrez("chat", "--model", tiny_moe, "-t", "0", "--max-tokens", "6", stdin="hello\n/reset\n你好\n")
     assert r.returncode == 0, r.stderr
@@ -60,6 +63,7 @@ def test_bad_arguments_give_one_line_errors(args, message, tiny_moe):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_broken_checkpoint_error_names_file(tiny_moe, tmp_path):
     import shutil
 
@@ -70,6 +74,7 @@ def test_broken_checkpoint_error_names_file(tiny_moe, tmp_path):
     assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_default_model_needs_no_download(tmp_path):
     r = megrez("generate", "hi", "--max-tokens", "4", "--json", env={"MEGREZ_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr

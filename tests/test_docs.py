@@ -76,7 +76,22 @@ RULES = [
     Rule(r"^git worktree add", skip="needs the project's git history (the load comparison's baseline checkout)"),
     Rule(r"^python -m scripts\.train_bench --preset megrez2-200m --seq-len 2048",
          skip="a GPU throughput measurement (16 x 2048 tokens a step)"),
+    Rule(r"^bash runs/rl_arithmetic\.sh", skip="the RL experiment: 35 minutes of training; its result is the table after it"),
+    Rule(r"^python -m scripts\.compare_chat .*runs-out/rl-arith", skip="compares the model the RL experiment writes"),
+    Rule(r"^python benchmarks/grammar_overhead\.py", subs=[(r"--batch [\d ]+", "--batch 1 2 "), (r"$", " --shape megrez2-mini")],
+         why="the 350M shape takes minutes on 2 cores: the same benchmark on a small shape"),
     Rule(r"--device cuda", gpu=True),
+    Rule(r"^megrez eval .*--url http://127\.0\.0\.1:8000",
+         subs=[(r"--url http://127\.0\.0\.1:8000( --api-key \S+)?", "--model DIR"), (r"--task (gsm8k-sample|mmlu-dev) ", "")],
+         why="no server runs at this point of the document: the same evaluation on the engine "
+             "(tests/test_eval.py runs the --url backend against a live server)"),
+    Rule(r"^megrez eval .*--task (gsm8k-sample|mmlu-dev)", subs=[(r"--task (gsm8k-sample|mmlu-dev) ", "")],
+         why="these tasks read their data from the lm_eval package, which setup does not install"),
+    Rule(r"^megrez serve .*~/\.cache/megrez",
+         subs=[(r"~/\.cache/megrez", "$MEGREZ_CACHE"), (r"--model \.\.\. ", "--model DIR "),
+               (r"--port \d+", f"--port {FREE_PORT}"), (r"\s*&$", "")],
+         why="the scratch directory's cache, a free port", background=True),
+    Rule(r"~/notes", subs=[(r"~/notes", "notes")], why="the scratch directory's notes"),
     Rule(r"^megrez bench-offload --shape megrez2-3x7b-a3b --budgets", expect_rc=2 if not HAS_CUDA else 0,
          expect_err=None if HAS_CUDA else "needs about"),
     Rule(r"^megrez bench-offload --tier storage", subs=[(r"megrez2-350m", "megrez2-mini"), (r"--output \d+", "--output 4")],
@@ -99,10 +114,39 @@ RULES = [
          forbid_out='"error"'),
     Rule(r"^PYTHONPATH=src python -c"),
     Rule(r"^megrez (bench|bench-offload) "),
+    Rule(r"OpenAI\(base_url=(?s:.*)tool_calls\[0\]",
+         subs=[(r"127\.0\.0\.1:\d+", f"127.0.0.1:{FREE_PORT}"), (r"tools=tools\)\n", 'tools=tools, tool_choice="required")\n')],
+         why="the server of the commands before; a random model never decides to call a tool by itself, so the "
+             "first request requires one (the rest runs as written)"),
     Rule(r"OpenAI\(base_url=", subs=[(r"127\.0\.0\.1:\d+", f"127.0.0.1:{FREE_PORT}")],
          why="the server of the commands before"),
     Rule(r'device="cuda"', subs=[(r'device="cuda", dtype="bfloat16"', 'device="cpu", dtype="float32"')],
          why="no GPU here: the same call on the CPU"),
+]
+
+# Every command that runs here runs scaled down: the docs' figures come from full-size runs, and
+# here a command is checked (it parses, runs, writes what the next command reads), not measured.
+# Long training runs, evaluations and load tests take minutes to hours on 2 cores at full size.
+SHRINK = [
+    (r"--steps \d+", "--steps 2"),
+    (r"--epochs \d+", "--epochs 1"),
+    (r"--samples \d+", "--samples 2"),
+    (r"--pass-k [\d ]+", "--pass-k 1 2 "),
+    (r"--prompts-per-step \d+", "--prompts-per-step 2"),
+    (r"--group-size \d+", "--group-size 2"),
+    (r"--seeds [\d ]+", "--seeds 0 "),
+    (r"--duration \d+", "--duration 2"),
+    (r"--rounds \d+", "--rounds 1"),
+    (r"--concurrency \d+( \d+)*", "--concurrency 2"),
+    (r"--max-tokens \d+", "--max-tokens 8"),
+    (r"--output \d+", "--output 8"),
+    (r"--reps \d+", "--reps 1"),
+    (r"--task-option n=\d+", "--task-option n=4"),
+    (r"^(megrez eval (?!.*--list).*)$", r"\1 --limit 3 --max-tokens 8"),
+    (r'"n": \d+', '"n": 8'),
+    (r"^(megrez train rl (?!.*--task-options).*)$", r"""\1 --task-options '{"n": 8}'"""),
+    (r"^(megrez train rl (?!.*--eval-task-options).*)$", r"""\1 --eval-task-options '{"n": 8}'"""),
+    (r"^(megrez train rl (?!.*--filter-samples).*)$", r"\1 --filter-samples 2 --max-tokens 16"),
 ]
 
 # Text blocks (``` without a language, or ```text) are outputs, listings or diagrams.
@@ -277,6 +321,17 @@ def write_data(d: Path) -> None:
         for i in range(24):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
                                              {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}) + "\n")
+    with open(d / "gsm8k_test.jsonl", "w", encoding="utf-8") as f:
+        for i in range(4):
+            f.write(json.dumps({"question": f"Tom has {i} apples and buys {i + 2} more. How many does he have?",
+                                "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"}) + "\n")
+    (d / "user.schema.json").write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}},
+                                                    "required": ["name"]}))
+    (d / "yesno.gbnf").write_text('root ::= "yes" | "no"\n')
+    (d / "rl.json").write_text(json.dumps({"init": "DIR", "task": "arithmetic", "out": "runs-out/rl-config",
+                                           "steps": 2, "prompts_per_step": 2, "group_size": 2}))
+    (d / "notes").mkdir()
+    (d / "notes" / "weather.md").write_text("# 北京天气\n\n北京今天晴，气温 4°C。\n", encoding="utf-8")
     (d / "pt.json").write_text(json.dumps({"preset": "megrez2-test", "data": ["corpus.jsonl"], "out": "runs-out/cfg",
                                            "steps": 3, "seq_len": 64, "batch_size": 2, "progress": False}))
 
@@ -287,7 +342,7 @@ class DocRun:
     def __init__(self, doc: Path, root: Path, tiny_moe: Path, tiny_dense: Path):
         self.doc, self.dir = doc, root / doc.stem
         self.dir.mkdir(parents=True)
-        for name in ("src", "scripts", "benchmarks", "examples"):
+        for name in ("src", "scripts", "benchmarks", "examples", "runs"):
             (self.dir / name).symlink_to(REPO / name)
         for name, target in (("Megrez2-3x7B-A3B", tiny_moe), ("Megrez-3B-Instruct", tiny_dense), ("DIR", tiny_moe)):
             (self.dir / name).symlink_to(target)
@@ -309,6 +364,9 @@ class DocRun:
         code = step.code
         for pattern, replacement in step.rule.subs:
             code = re.sub(pattern, replacement, code, flags=re.M)
+        if step.kind == "bash":
+            for pattern, replacement in SHRINK:
+                code = re.sub(pattern, replacement, code, flags=re.M)
         return code.replace(FREE_PORT, str(self.port))
 
     def run_upto(self, step: Step):

@@ -174,6 +174,7 @@ def test_interrupted_save_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # old checkpoint intact
 
 
+@pytest.mark.slow
 def test_peak_host_memory_stays_near_model_size(tmp_path):
     """Load a ~130 MB checkpoint in a fresh process: peak RSS grows by about one model, not two."""
     import subprocess

@@ -57,6 +57,7 @@ def test_strict_loading_names_the_tensor(tiny_omni, tmp_path):
         load_model(bad, device="cpu")
 
 
+@pytest.mark.slow
 def test_chat_with_image_flag_and_in_chat_commands(tiny_omni, tmp_path):
     PIL.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "blue.png")
     r = run_chat(tiny_omni, "what is it?\n/image /no/such.png\n/image " + str(tmp_path / "blue.png") + "\nand now?\n",

@@ -179,3 +179,48 @@ def test_bench_builds_random_quantized_models_without_float_weights():
     assert wq["dense"] < wf["dense"] / 3
     out = quant(torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(out).all()
+
+
+def test_bench_quantizes_random_float_weights_slice_by_slice(monkeypatch):
+    """random_weights="quantized" (megrez bench's default): every quantized tensor holds
+    normal(0, 0.02) weights quantized in the recipe's type, drawn a slice of rows at a time
+    (a tiny slice here), reproducible from the seed; "blocks" writes other (random) bytes."""
+    from megrez import bench
+    from megrez.quant import formats
+
+    monkeypatch.setattr(formats, "C_CHUNK_WEIGHTS", 4096)
+    cpu = torch.device("cpu")
+    a = bench.random_model("megrez2-mini", cpu, torch.float32, quantization="q4_k_m")
+    again = bench.random_model("megrez2-mini", cpu, torch.float32, quantization="q4_k_m")
+    blocks = bench.random_model("megrez2-mini", cpu, torch.float32, quantization="q4_k_m", random_weights="blocks")
+    qa, qb, qc = quant_tensors(a), quant_tensors(again), quant_tensors(blocks)
+    from megrez.models import build_model
+    from megrez.presets import PRESETS
+
+    with torch.device("meta"):
+        types = tensor_types(build_model(dict(PRESETS["megrez2-mini"])), "q4_k_m")
+    assert {n: qt.qtype for n, qt in qa.items()} == types
+    for name, qt in qa.items():
+        assert torch.equal(qt.data, qb[name].data), name
+        assert not torch.equal(qt.data, qc[name].data), name
+        w = qt.dequantize()
+        assert abs(float(w.std()) - 0.02) < 0.002 and abs(float(w.mean())) < 0.002, name
+    assert torch.isfinite(a(torch.tensor([[1, 2, 3]]))).all()
+    with pytest.raises(ValueError, match="random_weights must be one of"):
+        bench.random_model("megrez2-mini", cpu, torch.float32, quantization="q8_0", random_weights="floats")
+
+
+@pytest.mark.slow
+def test_bench_random_quantized_model_never_holds_the_float_model():
+    """megrez2-350m at q4_k_m (348M weights: 1.4 GB in float32, ~0.2 GB quantized) built with
+    random float weights quantized slice by slice: peak RSS grows by about the quantized size."""
+    code = ("import resource, torch\n"
+            "from megrez.bench import random_model, quantized_weight_bytes\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "m = random_model('megrez2-350m', torch.device('cpu'), torch.float32, quantization='q4_k_m')\n"
+            "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024\n"
+            "print(grew, quantized_weight_bytes(m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    grew, qbytes = int(out[0]), int(out[1])
+    assert 150e6 < qbytes < 300e6
+    assert grew < qbytes + 100e6, f"peak RSS grew {grew / 1e6:.0f} MB for {qbytes / 1e6:.0f} MB of weights"

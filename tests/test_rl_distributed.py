@@ -56,7 +56,13 @@ def test_two_process_rl_matches_one_process(tmp_path, tok, tok_dir):  # noqa: F8
     assert sorted(r["rank"] for r in dist) == [0, 1] and dist[0]["rewards"] == dist[1]["rewards"]
     # Same rollouts (seeds per prompt and sample; weights synced after every update) ...
     assert dist[0]["rewards"] == single["rewards"]
-    assert dist[0]["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-6)
+    # The first step's loss is computed from the same weights: equal up to the summation order.
+    # Later ones come from weights the Adam rounding below has moved a little (a clipped loss
+    # of a group-normalised advantage is near zero, so no relative bound suits it): within a
+    # thousandth of the losses' scale.
+    scale = max(abs(x) for x in single["losses"])
+    assert dist[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-4, abs=1e-6 * scale)
+    assert dist[0]["losses"] == pytest.approx(single["losses"], rel=1e-3, abs=1e-3 * scale)
     assert any(x != 0 for x in single["losses"])
     # ... so the same updates, up to the order of the gradient reduction. Adam divides by the
     # gradients' running RMS, so where a gradient is nearly zero that rounding moves the update

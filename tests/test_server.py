@@ -347,6 +347,7 @@ def crowd_streams(live, requests: list[dict]) -> list[tuple[str, str | None]]:
     return asyncio.run(crowd())
 
 
+@pytest.mark.slow
 def test_32_concurrent_streams_equal_their_solo_runs(live):
     requests = [dict(messages=[{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}],
                      seed=1000 + i, temperature=[0.0, 0.7, 1.0][i % 3], top_p=[1.0, 0.9][i % 2], max_tokens=16 + i % 5)
@@ -653,6 +654,7 @@ def serve_process(model_dir, *flags, env=None):
             raise
 
 
+@pytest.mark.slow
 def test_megrez_serve_command(tiny_dir):
     with serve_process(tiny_dir, "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "2",
                        env={"MEGREZ_API_KEY": "sk-from-env"}) as (url, proc):
@@ -666,6 +668,7 @@ def test_megrez_serve_command(tiny_dir):
     assert f"on {url}/v1" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_serve_with_expert_offload_exposes_cache_metrics(tiny_dir):
     with serve_process(tiny_dir, "--max-model-len", "256", "--max-num-seqs", "2", "--kv-cache-memory", "1MiB",
                        "--gpu-memory-budget", "2.5MiB") as (url, proc):

@@ -263,6 +263,7 @@ def test_idle_and_trickling_connections_are_closed(live):
 
 
 # ------------------------------------------------------------------------- 6. graceful shutdown
+@pytest.mark.slow
 def test_sigterm_ends_open_streams_with_the_error_event_and_done(tiny_moe):
     with serve_process(tiny_moe, "--max-model-len", "1024", "--shutdown-timeout", "0.5") as (url, proc):
         body = {"prompt": "go on", "max_tokens": 1000, "ignore_eos": True, "stream": True}

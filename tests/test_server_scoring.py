@@ -178,6 +178,7 @@ def test_openapi_describes_the_real_request_schema(live):
         assert r.status_code == 400 and r.json()["error"]["param"] == field
 
 
+@pytest.mark.slow
 def test_32_streams_with_shared_prefixes_equal_uncached_solo_runs(live, tiny_moe):
     systems = ["You answer in one sentence. " * 12, "Always be concise and correct, please. " * 9]
     requests = [dict(messages=[{"role": "system", "content": systems[i % 2]},

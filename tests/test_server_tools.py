@@ -208,6 +208,7 @@ def _validate_call(name, arguments):
     jsonschema.validate(json.loads(arguments), fn["parameters"])
 
 
+@pytest.mark.slow
 def test_forced_calls_follow_the_function_schema_at_temperature_1(live):
     named = {"type": "function", "function": {"name": "get_time"}}
     for choice, parallel in (("required", True), (named, False)):
@@ -225,6 +226,7 @@ def test_forced_calls_follow_the_function_schema_at_temperature_1(live):
     _validate_call("get_time", calls[0]["arguments"])
 
 
+@pytest.mark.slow
 def test_json_schema_output_always_validates(live):
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     answers = []

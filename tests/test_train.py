@@ -361,6 +361,7 @@ def test_default_warmup_follows_the_run_length(tmp_path, tok_dir):
     assert TrainConfig().bias_update_rate == 1e-2  # what docs/training.md recommends for runs like these
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_a_finished_run_says_so(tmp_path, tok_dir):
     import os
     import signal

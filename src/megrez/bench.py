@@ -71,12 +71,21 @@ def require_memory(shape: str, dtype: torch.dtype, device: torch.device, need: i
                      f"{where} memory ({what}) and {format_bytes(free)} is available.{hint}")
 
 
+RANDOM_WEIGHTS = ("quantized", "blocks")
+
+
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads: int | None = None, seed: int = 0,
-                 expert_device: torch.device | None = None, quantization: str | None = None):
+                 expert_device: torch.device | None = None, quantization: str | None = None,
+                 random_weights: str = "quantized"):
     """A model of a named shape with random weights, allocated directly on ``device`` (routed
     experts on ``expert_device`` if given). With ``quantization`` (a scheme of
-    ``megrez.quant.recipe``), the weights the scheme quantizes are allocated quantized and filled
-    with random blocks (see :func:`fill_random_blocks`): no float copy is ever made."""
+    ``megrez.quant.recipe``), the weights the scheme quantizes are allocated quantized and
+    filled tensor by tensor, never as a float model: ``random_weights="quantized"`` draws the
+    float weights a slice of rows at a time and quantizes each slice in place (see
+    :func:`fill_random_quantized`); ``"blocks"`` writes random blocks (:func:`fill_random_blocks`:
+    instant, and speed does not depend on the values)."""
+    if random_weights not in RANDOM_WEIGHTS:
+        raise ValueError(f"random_weights must be one of {RANDOM_WEIGHTS}, got {random_weights!r}")
     config = dict(SHAPES[shape])
     if kv_heads:
         config["num_key_value_heads"] = kv_heads
@@ -97,18 +106,54 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, kv_heads:
             elif name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 1.0 / model.args.hidden_size ** 0.5, generator=gen)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, WEIGHT_STD, generator=gen)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.01, generator=gens[b.device])
         if quantization:
             from .quant.modules import quant_tensors
 
-            gen = torch.Generator(device=device).manual_seed(seed + 1)
-            for qt in {id(q): q for q in quant_tensors(model).values()}.values():
-                fill_random_blocks(qt, gen)
+            qts = list({id(q): q for q in quant_tensors(model).values()}.values())
+            gen = torch.Generator().manual_seed(seed + 1)
+            if random_weights == "blocks":
+                for qt in qts:
+                    fill_random_blocks(qt, gen)
+            else:
+                from tqdm import tqdm
+
+                total = sum(qt.data.numel() // qt.data.shape[-1] * qt.shape[-1] for qt in qts)
+                with tqdm(total=total, unit="w", unit_scale=True, desc="quantizing random weights",
+                          disable=total < 1e9) as bar:
+                    for qt in qts:
+                        fill_random_quantized(qt, gen, progress=bar.update)
     model.hf_config = config
     return model.eval().requires_grad_(False)
+
+
+WEIGHT_STD = 0.02  # the random weights' standard deviation (norms and the router aside)
+
+
+def fill_random_quantized(qt, gen: torch.Generator, std: float = WEIGHT_STD, progress=None) -> None:
+    """normal(0, std) weights quantized into ``qt`` in place, a slice of rows at a time (the C
+    quantizer where available, megrez.quant.formats otherwise): the only float copy is one slice
+    of at most ``C_CHUNK_WEIGHTS`` weights."""
+    from .quant.formats import C_CHUNK_WEIGHTS, quantize_rows
+
+    k = qt.shape[-1]
+    rows = qt.data.view(-1, qt.data.shape[-1])
+    step = max(1, min(rows.shape[0], C_CHUNK_WEIGHTS // k))
+    buf = torch.empty(step, k)
+    out = torch.empty(step, rows.shape[1], dtype=torch.uint8) if rows.device.type != "cpu" else None
+    for start in range(0, rows.shape[0], step):
+        n = min(step, rows.shape[0] - start)
+        x = buf[:n].normal_(0.0, std, generator=gen)
+        if out is None:
+            quantize_rows(x, qt.qtype, rows[start:start + n])
+        else:
+            quantize_rows(x, qt.qtype, out[:n])
+            rows[start:start + n].copy_(out[:n])
+        if progress is not None:
+            progress(n * k)
 
 
 # Block scales that make random quants weights of about 0.02 (the init above): Q8_0 |q| ~ 64,
@@ -266,9 +311,26 @@ class Result:
 
 
 def peak_memory(device: torch.device) -> float:
+    """GiB: the GPU's peak allocation, or this process's peak resident set (VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size (Linux: ru_maxrss in KiB, /proc/self/status VmHWM)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(read bandwidth probes, ceilings) of this device."""
+    bw = measure_read_bandwidth(device)
+    return bw, {"read_bandwidth": bw["best"], **{f"read_bandwidth_{k}": v for k, v in bw.items() if k != "best"},
+                "matmul_flops": measure_matmul_flops(device, dtype)}
+
+
+def quantized_weight_bytes(model) -> int:
+    return sum(n for _, n in _stored_tensors(model))
 
 
 def run_case(model, batch: int, prompt: int, output: int, ceilings: dict, seed: int = 0) -> Result:
@@ -328,18 +390,29 @@ def bench(a) -> dict:
         need = _quantized_bytes(a.shape, a.quantization, a.kv_heads) if a.quantization else \
             sum(shape_bytes(a.shape, dtype, a.kv_heads).values())
         require_memory(a.shape, dtype, device, need, "its weights")
-        model = random_model(a.shape, device, dtype, a.kv_heads, quantization=a.quantization)
+        # The ceilings first: the probe's buffer is freed before the model exists, so the peak
+        # memory reported is the model's (with --model it is measured after loading).
+        bw, ceilings = measure_ceilings(device, dtype)
+        t = time.perf_counter()
+        model = random_model(a.shape, device, dtype, a.kv_heads, quantization=a.quantization,
+                             random_weights=a.random_weights)
+        built_s = time.perf_counter() - t
         name = a.shape + (f" ({a.quantization})" if a.quantization else "")
-    bw = measure_read_bandwidth(device)
-    ceilings = {"read_bandwidth": bw["best"], **{f"read_bandwidth_{k}": v for k, v in bw.items() if k != "best"},
-                "matmul_flops": measure_matmul_flops(device, dtype)}
+    if a.model:
+        bw, ceilings = measure_ceilings(device, dtype)
+    built = {"peak_rss_gib_after_build": peak_rss_gib()}
     counts = parameter_counts(model)
     wb = weight_bytes(model)
     header = {"model": name, "device": str(device), "device_name": device_name(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "stored_params": counts["stored"], "active_params": counts["active"],
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **ceilings}
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **ceilings, **built}
     print(f"{name}: {counts['stored'] / 1e6:.0f}M stored / {counts['active'] / 1e6:.0f}M active parameters, "
           f"{dtype}, {header['device_name']}, {header['threads']} threads")
+    if not a.model:
+        header["build_s"] = built_s
+        how = f", random weights {a.random_weights}" if a.quantization else ""
+        print(f"built in {built_s:.1f} s{how}; weights {format_bytes(quantized_weight_bytes(model))}, "
+              f"peak RSS so far {built['peak_rss_gib_after_build']:.2f} GiB")
     probes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k != "best")
     print(f"measured: read bandwidth {bw['best'] / 1e9:.1f} GB/s ({probes}), "
           f"matmul {ceilings['matmul_flops'] / 1e12:.2f} TFLOP/s")
@@ -449,7 +522,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quantization", default=None, choices=["q8_0", "q4_0", "q4_k_m"],
                    help="quantize the weights in llama.cpp's type mix for the scheme (random shapes: allocated "
-                        "quantized and filled with random blocks)")
+                        "quantized, see --random-weights)")
+    p.add_argument("--random-weights", default="quantized", choices=RANDOM_WEIGHTS,
+                   help="random shapes with --quantization: 'quantized' draws float weights a slice at a time and "
+                        "quantizes them (never a float model; minutes for billions of weights), 'blocks' writes "
+                        "random quantized blocks (instant; speed does not depend on the values)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="Llama shapes: also time transformers' generate on the same weights and report the ratio")
     p.add_argument("--torch-baseline", action="store_true",

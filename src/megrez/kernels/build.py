@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 QUANTIZED = HERE / "quantized.c"
+QUANTIZE = HERE / "quantize.c"
 FLOAT = HERE / "small_m.c"
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
@@ -78,7 +79,7 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    return [QUANTIZED, FLOAT] if variant.float_kernels else [QUANTIZED]
+    return [QUANTIZED, QUANTIZE, FLOAT] if variant.float_kernels else [QUANTIZED, QUANTIZE]
 
 
 def library_path(variant: Variant, cpu_features: int | None, cc: str) -> Path:

@@ -43,7 +43,9 @@ def declare(lib) -> None:
     lib.megrez_q_reference.argtypes = [ptr]
     lib.megrez_q_quantize_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr]
     lib.megrez_q_dequantize.argtypes = [c_int, ptr, i64, i64, ptr]
-    for f in (lib.megrez_q_products, lib.megrez_q_reference, lib.megrez_q_quantize_rows, lib.megrez_q_dequantize):
+    lib.megrez_quantize.argtypes = [c_int, ptr, i64, i64, ptr]
+    for f in (lib.megrez_q_products, lib.megrez_q_reference, lib.megrez_q_quantize_rows, lib.megrez_q_dequantize,
+              lib.megrez_quantize):
         f.restype = c_int
 
 
@@ -169,6 +171,34 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, QuantTensor, QuantTensor, 
         outs.append(y)
     _run(lib, first, second)
     return [y.to(dtype) for y in outs]
+
+
+# ------------------------------------------------------------------ quantizing weights
+
+_quantizer_announced = False
+
+
+def quantizer():
+    """The library whose ``megrez_quantize`` (quantize.c) quantizes weights, or None (no C
+    compiler, ``MEGREZ_CPU_KERNELS=0``): then :func:`megrez.quant.formats.quantize` runs its
+    Python code, which gives the same bytes, slower; said once on stderr."""
+    global _quantizer_announced
+    lib = _kernels.load()
+    if lib is None and not _quantizer_announced:
+        _quantizer_announced = True
+        print(f"megrez: C quantizer unavailable ({_kernels.reason}); quantizing in Python instead (same bytes, "
+              "about 20x slower)", file=sys.stderr)
+    return lib
+
+
+def quantize_rows(lib, rows: torch.Tensor, qtype: QType, out: torch.Tensor) -> None:
+    """float32 rows [n, K] (contiguous) -> ``out`` uint8 [n, row bytes] in place, by quantize.c."""
+    n, k = rows.shape
+    if not (rows.dtype == torch.float32 and rows.is_contiguous() and out.dtype == torch.uint8
+            and out.is_contiguous() and out.shape[0] == n):
+        raise ValueError("quantize_rows needs contiguous float32 rows and a contiguous uint8 output of as many rows")
+    if lib.megrez_quantize(int(qtype), rows.data_ptr(), n, k, out.data_ptr()) != 0:
+        raise ValueError(f"cannot quantize rows of {k} weights to {QType(qtype).name}")
 
 
 # ------------------------------------------------------------------ for tests and benchmarks

@@ -62,7 +62,7 @@ class CacheView:
         valid = [num_new] * b if valid is None else _ints(valid)
         if len(block_tables) != b or len(valid) != b:
             raise ValueError(f"{b} rows but {len(block_tables)} block tables and {len(valid)} lengths")
-        self.cache, self.starts, self.num_new = cache, starts, num_new
+        self.cache, self.starts, self.num_new, self.valid = cache, starts, num_new, valid
         self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)  # [B, T]
         ends = [s + n for s, n in zip(starts, valid)]
         # Keys beyond the longest row are never attended: they are not gathered at all.
@@ -110,8 +110,31 @@ class CacheView:
         flat_k[:, self._slots] = k.to(kc.dtype).transpose(0, 1).reshape(n_kv, -1, hd)
         flat_v[:, self._slots] = v.to(vc.dtype).transpose(0, 1).reshape(n_kv, -1, hd)
         keys, values = self._gather(kc), self._gather(vc)
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            # CPU attention kernels are several times slower in 16-bit; the cast costs little.
-            out = sdpa(q.float(), keys.float(), values.float(), mask=self.mask, is_causal=self.is_causal)
-            return out.to(q.dtype)
+        if q.device.type == "cpu":
+            return self._attend_rows(q, keys, values)
         return sdpa(q, keys, values, mask=self.mask, is_causal=self.is_causal)
+
+    def _attend_rows(self, q, keys, values):
+        """CPU attention one row at a time, each over exactly its own keys: the bits of a row's
+        output then do not depend on the rows beside it (one padded call would sum over a
+        padded, masked span, which the CPU kernels block differently, and a 1e-7 difference
+        is enough to flip an 8-bit activation of the quantized kernels). A sequence decodes to
+        the same tokens alone or in any batch."""
+        out = q.new_zeros(q.shape)
+        for b, (start, n) in enumerate(zip(self.starts, self.valid)):
+            if n == 0:
+                continue
+            end = start + n
+            qb, kb, vb = q[b:b + 1, :, :n], keys[b:b + 1, :, :end], values[b:b + 1, :, :end]
+            mask, causal = None, False
+            if n > 1 and start == 0:
+                causal = True
+            elif n > 1:
+                key_pos = torch.arange(end, device=q.device)
+                mask = (key_pos[None, :] <= self.positions[b, :n, None])[None, None]  # [1, 1, n, end]
+            if q.dtype != torch.float32:
+                # CPU attention kernels are several times slower in 16-bit; the cast costs little.
+                out[b:b + 1, :, :n] = sdpa(qb.float(), kb.float(), vb.float(), mask=mask, is_causal=causal).to(q.dtype)
+            else:
+                out[b:b + 1, :, :n] = sdpa(qb, kb, vb, mask=mask, is_causal=causal)
+        return out

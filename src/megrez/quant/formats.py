@@ -13,7 +13,8 @@ A quantized weight [N, K] is N rows of ``K // block`` blocks each; one row is
     Q6_K  256: 128 bytes low 4 bits, 64 bytes high 2 bits,
           16 int8 scales, fp16 d                               210 bytes / 256 weights
 
-This module imports nothing else from megrez: the kernels and the models build on it.
+This module imports nothing else from megrez at import time: the kernels and the models build on
+it (:func:`quantize` calls the C quantizer of ``megrez.kernels`` when it runs).
 """
 from __future__ import annotations
 
@@ -182,13 +183,17 @@ _DEQUANTIZE = {QType.Q8_0: _dequantize_q8_0, QType.Q4_0: _dequantize_q4_0, QType
 
 # ------------------------------------------------------------------------------ quantize
 
-CHUNK_WEIGHTS = 1 << 18  # rows are quantized this many weights at a time (temporaries stay in cache)
+CHUNK_WEIGHTS = 1 << 18  # the Python quantizers take rows this many weights at a time (temporaries stay in cache)
+C_CHUNK_WEIGHTS = 1 << 22  # the C quantizer: float32 copies of this size at most (inputs of other dtypes)
 
 
-def quantize(weight: torch.Tensor, qtype: QType) -> QuantTensor:
+def quantize(weight: torch.Tensor, qtype: QType, reference: bool = False) -> QuantTensor:
     """Quantize float weights [..., N, K] row by row into ``qtype`` blocks, as ggml's reference
-    quantizers do (Q8_0 and Q4_0 bit for bit as the ``gguf`` package; Q4_K and Q6_K by the
-    algorithms of ggml's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``)."""
+    quantizers do (Q8_0, Q4_0 and Q5_0 bit for bit as the ``gguf`` package; Q4_K and Q6_K by the
+    algorithms of ggml's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``, bit for bit as
+    llama.cpp). The block types go through the C quantizer (``megrez/kernels/quantize.c``, the
+    same bytes) where the kernels are available, else (or with ``reference=True``) through the
+    Python code below."""
     qtype = QType(qtype)
     if weight.dim() < 1:
         raise ValueError("quantize needs at least one dimension")
@@ -207,13 +212,39 @@ def quantize(weight: torch.Tensor, qtype: QType) -> QuantTensor:
         return QuantTensor(_to_bf16(w.to(torch.float32).contiguous()).view(torch.uint8), qtype, shape)
     rows = w.reshape(-1, k)
     out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8)
+    quantize_rows(rows, qtype, out, reference)
+    return QuantTensor(out.reshape(*shape[:-1], nbytes), qtype, shape)
+
+
+def quantize_rows(rows: torch.Tensor, qtype: QType, out: torch.Tensor, reference: bool = False) -> None:
+    """Float rows [n, K] (any float dtype) -> ``out`` uint8 [n, row_bytes(qtype, K)] in place, for
+    the block types; see :func:`quantize`."""
+    qtype = QType(qtype)
+    n, k = rows.shape
+    nbytes = row_bytes(qtype, k)
+    if qtype not in _QUANTIZE:
+        raise ValueError(f"{qtype.name} is not a block type")
+    if tuple(out.shape) != (n, nbytes) or out.dtype != torch.uint8:
+        raise ValueError(f"{qtype.name} rows [{n}, {k}] need a uint8 output [{n}, {nbytes}], got "
+                         f"{out.dtype} {list(out.shape)}")
+    lib = None
+    if not reference:
+        from ..kernels import quantized as kq  # the kernels build on this module: imported when used
+
+        lib = kq.quantizer()
+    if lib is not None:
+        # float32 rows are read where they lie; others are converted a chunk at a time
+        step = max(n, 1) if rows.dtype == torch.float32 and rows.is_contiguous() else max(1, C_CHUNK_WEIGHTS // k)
+        for start in range(0, n, step):
+            chunk = rows[start:start + step].to(torch.float32).contiguous()
+            kq.quantize_rows(lib, chunk, qtype, out[start:start + step])
+        return
     step = max(1, CHUNK_WEIGHTS // k)
-    block, bbytes = BLOCK_SIZES[qtype]
+    block = BLOCK_SIZES[qtype][0]
     fn = _QUANTIZE[qtype]
-    for start in range(0, rows.shape[0], step):
+    for start in range(0, n, step):
         chunk = rows[start:start + step].to(torch.float32).reshape(-1, block)
         out[start:start + step] = fn(chunk).reshape(-1, nbytes)
-    return QuantTensor(out.reshape(*shape[:-1], nbytes), qtype, shape)
 
 
 def _to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -344,8 +375,11 @@ def _quantize_q4_k(blocks):
     w = av + x.abs()
     L, scales, mins = _make_qkx2_quants(x, w, 15, -1.0, 0.1, 20)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(dim=1, keepdim=True).clamp(min=0)
+    # ggml starts from +0 and takes only larger values: an all-zero block keeps +0, never -0
+    max_scale = scales.amax(dim=1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, 0.0)
+    max_min = mins.amax(dim=1, keepdim=True)
+    max_min = torch.where(max_min > 0, max_min, 0.0)
     inv_scale = torch.where(max_scale > 0, _over(63, torch.where(max_scale > 0, max_scale, 1)), 0)
     inv_min = torch.where(max_min > 0, _over(63, torch.where(max_min > 0, max_min, 1)), 0)
     ls = _nearest_uint8(inv_scale * scales).clamp(max=63)

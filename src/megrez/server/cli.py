@@ -169,7 +169,10 @@ def cmd_serve(a) -> int:
           f"blocks of {engine.block_size}, prefix caching {'on' if engine.blocks.enable_prefix_caching else 'off'}; "
           f"API key {'required' if api_key else 'not required'})",
           file=sys.stderr, flush=True)
-    make_server(app, a.host, a.port, log_level=a.log_level, header_timeout=a.header_timeout,
-                max_header_bytes=a.max_header_bytes, shutdown_timeout=a.shutdown_timeout,
-                on_drain=app.state.server.drain).run(sockets=[sock])
-    return 0
+    server = make_server(app, a.host, a.port, log_level=a.log_level, header_timeout=a.header_timeout,
+                         max_header_bytes=a.max_header_bytes, shutdown_timeout=a.shutdown_timeout,
+                         on_drain=app.state.server.drain)
+    server.run(sockets=[sock])
+    # uvicorn re-raises the signal that stopped it once it has shut down; where that does not end
+    # the process (a handler installed by a library), the status still says which signal it was.
+    return 0 if server.exit_signal is None else 128 + server.exit_signal

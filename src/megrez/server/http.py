@@ -132,6 +132,12 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_drain=None, shutdown_timeout: float = 5.0):
         super().__init__(config)
         self.on_drain, self.shutdown_timeout = on_drain, shutdown_timeout
+        self.exit_signal: int | None = None  # the signal that stopped the server, for the exit status
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.exit_signal is None:
+            self.exit_signal = sig
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
