@@ -98,6 +98,8 @@ RULES = [
     Rule(r"~/notes", subs=[(r"~/notes", "notes")], why="the scratch directory's notes"),
     Rule(r"^megrez bench-offload --shape megrez2-3x7b-a3b --budgets", expect_rc=2 if not HAS_CUDA else 0,
          expect_err=None if HAS_CUDA else "needs about"),
+    Rule(r"^megrez bench-offload --tier storage", subs=[(r"megrez2-350m", "megrez2-mini"), (r"--output \d+", "--output 4")],
+         why="the 350M shape's sweep takes minutes on 2 cores: the same command on a small shape"),
     Rule(r"^megrez bench --shape megrez2-350m", subs=[(r"megrez2-350m", "megrez2-mini"), (r"--batch 1 4 8", "--batch 1 2")],
          why="the 350M shape takes minutes on 2 cores: the same command on a small shape"),
     Rule(r"^\./run\.sh", subs=[(r"^\./run\.sh$", "megrez chat"), (r"^\./run\.sh ", "megrez ")],
@@ -156,6 +158,7 @@ TEXT_RULES = [
     (r"^> ", "transcript"),                 # a chat: "> question" lines, each followed by the answer
     (r"^src/megrez/", "layout"),            # the README's layout: every path it names exists
     (r"^compute stream", "skip: a timeline diagram"),
+    (r"^main thread", "skip: a timeline diagram"),
     (r"^\$ python examples/|^# index: ", "skip: a dated, recorded run of an example (the command itself runs in "
                                          "test_every_command_and_program_in_the_docs_runs)"),
 ]

@@ -9,8 +9,9 @@ Modes per budget: ``prefetch`` (the engine: pre-gate prefetch + group-aware cach
 load when the layer needs them), ``naive`` (on-demand synchronous loading, nothing reused
 across the sharing group). ``all-on-device`` (no budget) gives the compute time.
 
-Routing: ``uniform`` uses the random router (near-uniform expert choice: the worst case
-for a cache); ``trace`` replays a synthetic expert-selection trace with the temporal
+Routing: ``uniform`` uses the random router (with random weights it keeps most of a layer's
+experts from one token to the next, so it is not the worst case; ``--tier storage`` draws
+experts independently); ``trace`` replays a synthetic expert-selection trace with the temporal
 locality of a trained MoE (see :func:`make_trace`; its statistics are printed).
 """
 from __future__ import annotations

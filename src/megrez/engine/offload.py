@@ -144,6 +144,7 @@ class Transfer:
     ``wait(handle, layer, stats)``  make the slot usable by the computation that follows,
                           accounting any wait as a stall of ``layer``
     ``weights(slot)``     (gate [I, H], up [I, H], down [H, I]) in the compute dtype
+    ``settle(handle)``    before a slot is refilled while its transfer may still run
     ``collect(stats)``    fold timings measured elsewhere (device events, I/O threads) into stats
     """
 
@@ -160,6 +161,10 @@ class Transfer:
 
     def weights(self, slot: int):
         raise NotImplementedError
+
+    def settle(self, handle) -> None:
+        """A slot whose transfer may still run is about to be refilled: let it finish first
+        where the tier does not order transfers itself."""
 
     def collect(self, stats: OffloadStats) -> None:
         pass
@@ -312,8 +317,8 @@ class ExpertCache:
     def _drop(self, key: Key) -> int:
         slot = self.slot_of.pop(key)
         handle = self.pending.pop(slot, None)
-        if handle is not None:  # a transfer into this slot is still running: let it land first
-            self.transfer.wait(handle, -1, OffloadStats())
+        if handle is not None:  # a transfer into this slot may still be running
+            self.transfer.settle(handle)
         self.key_of[slot] = None
         self.policy.forget(key)
         self.prefetched_keys.discard(key)

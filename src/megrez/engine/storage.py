@@ -391,6 +391,9 @@ class StorageTransfer(Transfer):
         if layer >= 0:
             stats.stall(layer, time.perf_counter() - t)
 
+    def settle(self, handle) -> None:
+        handle.result()  # an I/O thread may still be writing the slot (and a failed read is an error)
+
     def weights(self, slot: int):
         if self.slot_tensors is None:
             return self._views[slot]
