@@ -104,10 +104,10 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float
     return nbytes / best_time(lambda: dst.copy_(src, non_blocking=pinned), device)
 
 
-def decode_run(model, batch: int, prompt: int, output: int, replay: TraceReplay | None, seed: int = 0):
-    """Greedy decode of ``batch`` random prompts; returns (seconds per step, tokens of row 0, steps)."""
-    device = next(model.parameters()).device
-    engine = Engine(model, None, max_num_seqs=batch, max_model_len=prompt + output + 1, kv_cache_memory=1 << 40)
+def start_random_decode(model, batch: int, prompt: int, output: int, replay, kv_bytes: int, seed: int = 0):
+    """An engine with ``batch`` greedy requests of random ``prompt``-token prompts, prefilled
+    (the trace replay, if any, restarted first): (engine, requests)."""
+    engine = Engine(model, None, max_num_seqs=batch, max_model_len=prompt + output + 1, kv_cache_memory=kv_bytes)
     gen = torch.Generator().manual_seed(seed)
     reqs = [engine.add_request(torch.randint(0, model.args.vocab_size, (prompt,), generator=gen).tolist(),
                                SamplingParams(temperature=0, max_tokens=output, ignore_eos=True))
@@ -115,6 +115,13 @@ def decode_run(model, batch: int, prompt: int, output: int, replay: TraceReplay 
     if replay is not None:
         replay.step = 0
     engine.step()  # prefill
+    return engine, reqs
+
+
+def decode_run(model, batch: int, prompt: int, output: int, replay: TraceReplay | None, seed: int = 0):
+    """Greedy decode of ``batch`` random prompts; returns (seconds per step, tokens of row 0, steps)."""
+    device = next(model.parameters()).device
+    engine, reqs = start_random_decode(model, batch, prompt, output, replay, 1 << 40, seed)
     times = []
     while engine.running:
         if replay is not None:

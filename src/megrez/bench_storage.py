@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, SamplingParams
+from .engine import SamplingParams
 from .engine.offload import ExpertOffload, format_bytes, parse_bytes
 from .engine.storage import ExpertStore
 from .llm import activation_bytes
@@ -317,14 +317,9 @@ class Replay:
 def decode(model, batch: int, output: int, replay, kv_bytes: int, seed: int = 0):
     """Greedy decode of ``batch`` random prompts: per-step seconds and storage bytes (after two
     warm-up steps), the tokens of every row, and the process's CPU seconds per step (all threads)."""
-    engine = Engine(model, None, max_num_seqs=batch, max_model_len=PROMPT + output + 1, kv_cache_memory=kv_bytes)
-    gen = torch.Generator().manual_seed(seed)
-    reqs = [engine.add_request(torch.randint(0, model.args.vocab_size, (PROMPT,), generator=gen).tolist(),
-                               SamplingParams(temperature=0, max_tokens=output, ignore_eos=True))
-            for _ in range(batch)]
-    if replay is not None:
-        replay.step = 0
-    engine.step()  # prefill
+    from .bench_offload import start_random_decode
+
+    engine, reqs = start_random_decode(model, batch, PROMPT, output, replay, kv_bytes, seed)
     times, reads, cpu = [], [], []
     while engine.running:
         if replay is not None:
