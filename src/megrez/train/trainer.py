@@ -260,6 +260,12 @@ class Trainer:
             self.loader.load_state_dict(self.state["loader"])
             ckpt.set_rng_state(self.state["rng"])
             self.step, self.tokens_seen = self.state["step"], self.state["tokens_seen"]
+            saved_threads = self.state.get("threads")
+            if saved_threads is not None and saved_threads != torch.get_num_threads() and self.device.type == "cpu":
+                # CPU matrix products split their sums by thread: another count rounds differently.
+                self.say(f"warning: {resume_from} was written with {saved_threads} CPU threads, this run has "
+                         f"{torch.get_num_threads()}: training continues, but not bit-identically "
+                         f"(run with OMP_NUM_THREADS={saved_threads} for that)")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world
         if cfg.steps is not None:
             self.total_steps = cfg.steps
@@ -347,7 +353,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
-                 "config": _jsonable(asdict(self.cfg))}
+                 "config": _jsonable(asdict(self.cfg)), "threads": torch.get_num_threads()}
         return ckpt.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.tok_dir,
                              self.cfg.keep_checkpoints)
 
