@@ -2,7 +2,7 @@
 cannot rot silently.
 
 Each ```bash block is split into commands and each ```python block is one program; they run
-in order, one document at a time, in a scratch directory where the names the docs use exist:
+in order within a document (two documents run side by side), in a scratch directory of its own where the names the docs use exist:
 ``./Megrez2-3x7B-A3B``, ``./Megrez-3B-Instruct`` and ``DIR`` are small random checkpoints,
 the hub ids ``Infinigence/...`` resolve (offline) from a Hugging Face cache holding them,
 ``corpus.jsonl``, ``chat.jsonl`` and ``pt.json`` are small data files, and ``src``,
@@ -29,7 +29,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,14 +359,21 @@ class DocRun:
             hub_cache(hf, hub_id, tiny_moe if arch == "moe" else tiny_dense)
         write_data(self.dir)
         bindir = str(Path(sys.executable).parent)
+        # A cache of its own (search index, chat history: documents run side by side); the
+        # compiled kernels are shared, built once.
+        cache = self.dir / ".cache"
+        cache.mkdir()
+        (root / "kernels").mkdir(exist_ok=True)
+        (cache / "kernels").symlink_to(root / "kernels")
         self.env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HOME": str(hf),
-                    "HF_HUB_OFFLINE": "1", "MEGREZ_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1",
+                    "HF_HUB_OFFLINE": "1", "MEGREZ_CACHE": str(cache), "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(REPO / "src")}
         self.env.pop("MEGREZ_API_KEY", None)
         self.port = free_port()
         self.done: dict[str, subprocess.CompletedProcess | None] = {}
         self.servers: list[subprocess.Popen] = []
         self.steps = steps(doc)
+        self.lock = threading.Lock()
 
     def prepare(self, step: Step) -> str:
         code = step.code
@@ -378,11 +387,17 @@ class DocRun:
     def run_upto(self, step: Step):
         """Runs the steps before ``step`` that have not run yet, then ``step``. A quick step
         needs only the quick ones before it (the slow ones may be deselected)."""
-        for s in self.steps:
-            if s.id not in self.done and (_marks(step) or not _marks(s) or s.id == step.id):
-                self.done[s.id] = self.execute(s)
-            if s.id == step.id:
-                return self.done[s.id]
+        with self.lock:
+            for s in self.steps:
+                if s.id not in self.done and (_marks(step) or not _marks(s) or s.id == step.id):
+                    try:
+                        self.done[s.id] = self.execute(s)
+                    except Exception as e:  # reported by the step's own test, wherever it ran
+                        self.done[s.id] = e
+                if s.id == step.id:
+                    if isinstance(self.done[s.id], Exception):
+                        raise self.done[s.id]
+                    return self.done[s.id]
 
     def execute(self, step: Step):
         if step.kind == "text" or step.rule.skip or (step.rule.gpu and not HAS_CUDA):
@@ -426,17 +441,36 @@ class DocRun:
         self.servers = []
 
 
+# Documents run side by side, each command on one thread: a document's commands wait on one
+# another, documents do not.
+DOC_WORKERS = 2
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_moe, tiny_dense):
+def runs(tmp_path_factory, tiny_moe, tiny_dense, request):
     made: dict[Path, DocRun] = {}
+    made_lock = threading.Lock()
     root = tmp_path_factory.mktemp("docs")
 
     def get(doc: Path) -> DocRun:
-        if doc not in made:
-            made[doc] = DocRun(doc, root, tiny_moe, tiny_dense)
-        return made[doc]
+        with made_lock:
+            if doc not in made:
+                made[doc] = DocRun(doc, root, tiny_moe, tiny_dense)
+            return made[doc]
 
+    # The selected command steps, last of each document first seen in test order: workers run
+    # each document up to there while the tests wait for their own step's result.
+    last: dict[Path, Step] = {}
+    for item in request.session.items:
+        step = getattr(item, "callspec", None) and item.callspec.params.get("step")
+        if item.originalname == "test_every_command_and_program_in_the_docs_runs" and step is not None \
+                and not step.rule.skip:
+            last[step.block.doc] = step
+    pool = ThreadPoolExecutor(max_workers=DOC_WORKERS, thread_name_prefix="doc")
+    for doc, step in last.items():
+        pool.submit(lambda doc=doc, step=step: get(doc).run_upto(step))
     yield get
+    pool.shutdown(wait=True, cancel_futures=True)
     for run in made.values():
         run.close()
 
