@@ -2,7 +2,8 @@
 cannot rot silently.
 
 Each ```bash block is split into commands and each ```python block is one program; they run
-in order within a document (two documents run side by side), in a scratch directory of its own where the names the docs use exist:
+in order within a document (two documents run side by side), each document in a scratch
+directory of its own where the names the docs use exist:
 ``./Megrez2-3x7B-A3B``, ``./Megrez-3B-Instruct`` and ``DIR`` are small random checkpoints,
 the hub ids ``Infinigence/...`` resolve (offline) from a Hugging Face cache holding them,
 ``corpus.jsonl``, ``chat.jsonl`` and ``pt.json`` are small data files, and ``src``,
