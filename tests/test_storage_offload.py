@@ -208,7 +208,7 @@ def test_verbose_and_metrics_report_the_storage_tier(tiny_moe, capsys):
     assert main(["generate", "--model", str(tiny_moe), "--prompt-ids", "5,77,300", "--max-tokens", "4",
                  "--temperature", "0", "--memory-budget", str(budget), "--verbose"]) == 0
     err = capsys.readouterr().err
-    assert "expert cache (storage-to-ram, group): " in err and "O_DIRECT" in err and "exposed" in err
+    assert "expert cache (storage-to-ram, group, float32 experts): " in err and "O_DIRECT" in err and "exposed" in err
     llm = storage_llm(tiny_moe, 6)
     llm.generate(PROMPT[:3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     loop = SimpleNamespace(engine=llm.engine, finished=Counter(), ttft=Histogram((1.0,)), latency=Histogram((1.0,)))
@@ -275,3 +275,54 @@ def test_rss_stays_within_the_budget(wide_moe, tiny_moe):
     print(f"RSS grew by {grew / 2**20:.1f} MiB under a budget of {budget / 2**20:.0f} MiB "
           f"(checkpoint {checkpoint / 2**20:.0f} MiB)")
     assert grew <= budget + RSS_OVERHEAD, (capped, budget)
+
+
+# ---------------------------------------------------------------------------------- GGUF
+
+@pytest.fixture(scope="module")
+def gguf_moe(tmp_path_factory):
+    """A Q4_K_M GGUF file of a Megrez2 wide enough for K-quants (256-wide rows)."""
+    from megrez.loading.gguf import write_gguf
+
+    d = tmp_path_factory.mktemp("gguf")
+    path = create_tiny(d / "moe", arch="moe", overrides={"hidden_size": 256, "moe_intermediate_size": 256,
+                                                         "intermediate_size": 256})
+    model = load_model(path, device="cpu", quantization="q4_k_m")
+    return write_gguf(model, d / "moe-q4_k_m.gguf", "q4_k_m", path, progress=False)
+
+
+def gguf_budget(path, slots: int) -> int:
+    from megrez.loading.gguf import GGUFCheckpoint
+    from megrez.quant.modules import quant_tensors
+
+    model = load_model(path, device="cpu", expert_device="meta")
+    store = ExpertStore(model, [GGUFCheckpoint(path)], torch.float32)
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    weights += sum({qt.data.data_ptr(): qt.nbytes for qt in quant_tensors(model).values()}.values())
+    store.close()
+    return weights + KV + activation_bytes(model.args, 1024, 16) + slots * store.span
+
+
+@pytest.mark.parametrize("slots", [32, 8, 4])
+def test_quantized_experts_read_from_a_gguf_file_give_the_same_tokens(gguf_moe, slots):
+    full = LLM(gguf_moe, device="cpu")
+    assert {type(full.model.layers[1].mlp.experts.gate_proj).__name__} == {"QuantTensor"}
+    want = full.generate(PROMPT, GREEDY).token_ids, [c.token_ids for c in full.generate(BATCH, GREEDY)]
+    llm = LLM(gguf_moe, memory_budget=gguf_budget(gguf_moe, slots), kv_cache_memory=KV)
+    assert llm.offload.cache.num_slots == slots and llm.offload.tier == "storage-to-ram"
+    assert llm.generate(PROMPT, GREEDY).token_ids == want[0]
+    assert [c.token_ids for c in llm.generate(BATCH, GREEDY)] == want[1]
+    s = llm.offload.stats
+    # Read as the file stores them (one slice of each stacked projection), never widened (the
+    # owner layers, 1 and 4 of 6, are not among those the _M recipe gives Q6_K).
+    assert s["expert_types"] == ["Q4_K"] and s["slot_views"] and s["reads_per_expert"] == 3
+    assert s["reads"] == 3 * (s["prefetched"] + s["misses"]) and s["bytes_read"] >= s["bytes_copied"] > 0
+    expert = llm.offload.cache.expert_bytes
+    assert expert < 3 * 256 * 256 * 4 / 5  # about 4.5-6.5 bits a weight, not 32
+    if slots < 32:
+        assert s["misses"] + s["prefetched"] > slots  # experts went in and out
+
+
+def test_quantizing_on_load_under_a_budget_says_how_to_get_a_quantized_file(tiny_moe):
+    with pytest.raises(ValueError, match=r"megrez quantize MODEL OUT\.gguf --type q8_0"):
+        LLM(tiny_moe, memory_budget="1GiB", quantization="q8_0")

@@ -211,7 +211,8 @@ def report(llm, a, seconds: float) -> None:
 
 def offload_summary(s: dict) -> str:
     """One line of expert-cache statistics (--verbose)."""
-    line = (f"[expert cache ({s['tier']}, {s['policy']}): {s['slots']} slots ({format_bytes(s['cache_bytes'])}), "
+    types = f", {'/'.join(s['expert_types'])} experts" if "expert_types" in s else ""
+    line = (f"[expert cache ({s['tier']}, {s['policy']}{types}): {s['slots']} slots ({format_bytes(s['cache_bytes'])}), "
             f"hit rate {s['hit_rate']:.1%}, prefetched {s['prefetched']}, on demand {s['misses']}")
     if s["tier"] == "storage-to-ram":
         stalls = s["per_layer_stall_seconds"]

@@ -93,17 +93,15 @@ class LLM:
         else:
             from .engine.storage import ExpertStore
             from .loading import checkpoint_shards
+            from .loading.gguf import GGUFCheckpoint, is_gguf
 
-            if not hasattr(self.path, "is_dir") or not self.path.is_dir():
-                raise ValueError(f"{self.path}: --memory-budget reads routed experts from safetensors files; "
-                                 f"a GGUF file cannot be used with it yet")
             self.model = load_model(self.path, device="cpu", dtype=dtype, expert_device="meta",
                                     quantization=quantization, **overrides)
             if not hasattr(self.model.args, "owner"):
                 raise ValueError("--memory-budget leaves routed experts in the checkpoint files: it needs a Megrez2 "
                                  "(MoE) model; this one is dense")
-            store = ExpertStore(self.model, checkpoint_shards(self.path), self.model.model.embed_tokens.weight.dtype,
-                                direct=direct_io)
+            files = [GGUFCheckpoint(self.path)] if is_gguf(self.path) else checkpoint_shards(self.path)
+            store = ExpertStore(self.model, files, self.model.model.norm.weight.dtype, direct=direct_io)
             self.offload, kv_cache_memory = plan_offload(
                 self.model, ram_budget, kv_cache_memory, offload_policy, prefetch, storage=store,
                 io_threads=io_threads, prefill_chunk=engine_options.get("prefill_chunk", 1024),
@@ -296,8 +294,13 @@ def plan_offload(model, budget: int, kv_cache_memory: int | None, policy: str, p
     flag = "--memory-budget" if storage is not None else "--gpu-memory-budget"
     if not hasattr(args, "owner"):
         raise ValueError(f"{flag} offloads routed experts: it needs a Megrez2 (MoE) model")
-    device = model.model.embed_tokens.weight.device
+    from .quant.modules import quant_tensors
+
+    device = model.model.norm.weight.device
     resident = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    # Quantized weights (a GGUF file's) are not parameters; a tied table counts once.
+    resident += sum({qt.data.data_ptr(): qt.nbytes for n, qt in quant_tensors(model).items()
+                     if ".mlp.experts." not in n}.values())
     if storage is not None:
         from .engine.storage import StorageTransfer
 

@@ -2,7 +2,9 @@
 checkpoint's safetensors files and are read, on a few I/O threads, into a fixed number of
 slots in host memory (the :class:`~megrez.engine.offload.ExpertCache` decides which).
 
-Where an expert lies: the safetensors header gives every tensor's byte range, so each
+Where an expert lies: the safetensors header (or a GGUF file's tensor table: there the experts
+of a layer are one stacked tensor per projection, each expert a contiguous slice, kept in the
+file's type, quantized or not) gives every tensor's byte range, so each
 expert's three projections (``model.layers.O.mlp.experts.J.{gate,up,down}_proj.weight``) map to
 three ranges. Writers sort tensor names, so the three of one expert are adjacent in the
 file and merge into one read; a file where they are not costs one read per projection (no
@@ -37,6 +39,7 @@ import torch
 
 from ..loading.common import CheckpointError
 from ..loading.safetensors import SafetensorsFile
+from ..quant.formats import QType, QuantTensor, row_bytes
 from .offload import Key, OffloadStats, Transfer
 
 ALIGN = 4096         # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices)
@@ -63,8 +66,9 @@ class Piece:
     offset: int           # absolute byte offset in the file
     nbytes: int
     dtype: torch.dtype
-    shape: tuple
+    shape: tuple          # the logical shape ([rows, k] also for a quantized matrix)
     delta: int = 0        # offset in the read's buffer (the read starts at an aligned offset)
+    qtype: int | None = None  # a GGUF block type: the bytes are kept as they are, a QuantTensor
 
 
 @dataclass(frozen=True)
@@ -151,38 +155,35 @@ class CheckpointFile:
 
 
 class ExpertStore:
-    """Where every routed expert of a Megrez2 model lies in its safetensors files, and the
-    files, open for reading. ``dtype``: the compute dtype the slots hold."""
+    """Where every routed expert of a Megrez2 model lies in its checkpoint files (safetensors
+    files, or one GGUF file as a :class:`~megrez.loading.gguf.GGUFCheckpoint`), and the files,
+    open for reading. ``dtype``: the compute dtype the slots hold (quantized experts stay
+    quantized)."""
 
-    def __init__(self, model, files: list[Path], dtype: torch.dtype, direct: bool = True):
+    def __init__(self, model, files: list, dtype: torch.dtype, direct: bool = True):
         args = model.args
         self.dtype = dtype
         owners = sorted({args.owner(i) for i in range(args.num_hidden_layers) if args.is_moe(i)})
         inter, hidden = args.moe_intermediate_size, args.hidden_size
         expected = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
         self.shapes = expected
-        self.expert_bytes = 3 * inter * hidden * torch.empty((), dtype=dtype).element_size()
         found: dict[Key, dict[str, tuple[int, Piece]]] = {}
-        readers = [f if isinstance(f, SafetensorsFile) else SafetensorsFile(Path(f)) for f in files]
+        readers = [f if hasattr(f, "tensors") or isinstance(f, SafetensorsFile) else SafetensorsFile(Path(f))
+                   for f in files]
         for n, reader in enumerate(readers):
-            for name, (tdtype, shape, begin, end) in reader.entries.items():
-                m = EXPERT_KEY.match(name)
-                if not m:
-                    continue
-                owner, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-                if owner not in owners or expert >= args.n_routed_experts:
-                    continue  # load_weights reports tensors the model does not have
-                if tuple(shape) != expected[proj]:
-                    raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {shape}, expected "
-                                          f"{list(expected[proj])} from config.json")
-                if (tdtype, dtype) not in WIDENING and tdtype != dtype:
+            pieces = _gguf_pieces(reader, owners, args.n_routed_experts) if hasattr(reader, "tensors") else \
+                _safetensors_pieces(reader, owners, args.n_routed_experts)
+            for owner, expert, piece in pieces:
+                if tuple(piece.shape) != expected[piece.proj]:
+                    raise CheckpointError(f"{reader.path}: tensor {piece.name!r} has shape {list(piece.shape)}, "
+                                          f"expected {list(expected[piece.proj])} from config.json")
+                if piece.qtype is None and (piece.dtype, dtype) not in WIDENING and piece.dtype != dtype:
                     raise CheckpointError(
-                        f"{reader.path}: tensor {name!r} is stored in {str(tdtype).replace('torch.', '')}; with "
-                        f"--memory-budget routed experts are read as stored and only widened (bfloat16/float16 -> "
-                        f"float32), not narrowed to {str(dtype).replace('torch.', '')}: use --dtype float32 or a "
+                        f"{reader.path}: tensor {piece.name!r} is stored in {str(piece.dtype).replace('torch.', '')}; "
+                        f"with --memory-budget routed experts are read as stored and only widened (bfloat16/float16 "
+                        f"-> float32), not narrowed to {str(dtype).replace('torch.', '')}: use --dtype float32 or a "
                         f"checkpoint saved in that dtype")
-                found.setdefault((owner, expert), {})[proj] = (n, Piece(name, proj, reader.data_start + begin,
-                                                                        end - begin, tdtype, tuple(shape)))
+                found.setdefault((owner, expert), {})[piece.proj] = (n, piece)
         missing = [f"model.layers.{o}.mlp.experts.{e}.{p}.weight" for o in owners for e in range(args.n_routed_experts)
                    for p in PROJECTIONS if p not in found.get((o, e), {})]
         if missing:
@@ -193,8 +194,15 @@ class ExpertStore:
         self.runs: dict[Key, tuple[Run, ...]] = {key: self._plan(pieces) for key, pieces in found.items()}
         # Slots can be views into the read buffers when no expert needs converting or realigning.
         size = torch.empty((), dtype=dtype).element_size()
-        self.views = all(p.dtype == dtype and p.offset % size == 0
-                         for runs in self.runs.values() for r in runs for p in r.pieces)
+        every = [p for runs in self.runs.values() for r in runs for p in r.pieces]
+        self.views = all(p.qtype is not None or (p.dtype == dtype and p.offset % size == 0) for p in every)
+        if not self.views and any(p.qtype is not None for p in every):
+            raise CheckpointError(f"{readers[0].path}: routed experts are stored partly quantized and partly in a "
+                                  f"float type other than {str(dtype).replace('torch.', '')}; with --memory-budget "
+                                  f"pass --dtype to match the float ones")
+        self.expert_bytes = max(sum(p.nbytes for _, p in pieces.values()) for pieces in found.values()) \
+            if self.views else 3 * inter * hidden * size
+        self.quantized = sorted({QType(p.qtype).name for p in every if p.qtype is not None})
         self.span = max(sum(r.length for r in runs) for runs in self.runs.values())  # bytes one expert's reads take
         self.reads_per_expert = max(len(runs) for runs in self.runs.values())
         self.files = [CheckpointFile(p, direct) for p in self.paths]
@@ -215,7 +223,7 @@ class ExpertStore:
         for group in groups:
             start = _align_down(group[0][1].offset)
             end = max(p.offset + p.nbytes for _, p in group)
-            placed = tuple(Piece(p.name, p.proj, p.offset, p.nbytes, p.dtype, p.shape, p.offset - start)
+            placed = tuple(Piece(p.name, p.proj, p.offset, p.nbytes, p.dtype, p.shape, p.offset - start, p.qtype)
                            for _, p in group)
             runs.append(Run(group[0][0], start, _align_up(end) - start, placed, end))
         return tuple(runs)
@@ -226,6 +234,39 @@ class ExpertStore:
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _safetensors_pieces(reader: SafetensorsFile, owners: list[int], n_experts: int):
+    """(owner, expert, piece) for each routed expert tensor of a safetensors file."""
+    for name, (tdtype, shape, begin, end) in reader.entries.items():
+        m = EXPERT_KEY.match(name)
+        if not m:
+            continue
+        owner, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+        if owner in owners and expert < n_experts:  # load_weights reports tensors the model does not have
+            yield owner, expert, Piece(name, proj, reader.data_start + begin, end - begin, tdtype, tuple(shape))
+
+
+FLOAT_QTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+
+
+def _gguf_pieces(ckpt, owners: list[int], n_experts: int):
+    """(owner, expert, piece) for each routed expert of a GGUF file: slices of the stacked
+    ``ffn_{gate,up,down}_exps`` tensors (rows of one expert are contiguous in the file)."""
+    for ours, (t, qtype, shape) in ckpt.tensors.items():
+        m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", ours)
+        if not m or int(m.group(1)) not in owners:
+            continue
+        owner, proj = int(m.group(1)), m.group(2)
+        each = int(t.n_bytes) // shape[0]
+        if each * shape[0] != int(t.n_bytes) or each != shape[1] * row_bytes(qtype, shape[2]):
+            raise CheckpointError(f"{ckpt.path}: tensor {t.name!r} holds {int(t.n_bytes)} bytes, which is not "
+                                  f"{shape[0]} experts of {list(shape[1:])} {qtype.name} weights")
+        quantized = qtype not in FLOAT_QTYPES
+        for e in range(min(shape[0], n_experts)):
+            yield owner, e, Piece(f"{t.name}[{e}]", proj, int(t.data_offset) + e * each, each,
+                                  torch.uint8 if quantized else FLOAT_QTYPES[qtype], tuple(shape[1:]),
+                                  qtype=int(qtype) if quantized else None)
 
 
 def _close_all(files) -> None:
@@ -377,7 +418,9 @@ class StorageTransfer(Transfer):
             for run in self.store.runs[key]:
                 for p in run.pieces:
                     a = base + pos + p.delta
-                    parts[p.proj] = self._raw[a:a + p.nbytes].view(p.dtype).view(p.shape)
+                    raw = self._raw[a:a + p.nbytes]
+                    parts[p.proj] = raw.view(p.dtype).view(p.shape) if p.qtype is None else \
+                        QuantTensor(raw.view(p.shape[0], -1), p.qtype, p.shape)
                 pos += run.length
             self._views[slot] = tuple(parts[p] for p in PROJECTIONS)
         return self.pool.submit(self._read, key, slot)
@@ -421,7 +464,7 @@ class StorageTransfer(Transfer):
                 "reads": self.reads, "read_seconds": busy,
                 "read_bandwidth": self.bytes_read / busy if busy > 0 else 0.0,
                 "reads_per_expert": self.store.reads_per_expert, "slot_bytes": self.slot_bytes(self.store),
-                "slot_views": self.store.views}
+                "slot_views": self.store.views, "expert_types": self.store.quantized or [str(self.store.dtype)[6:]]}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

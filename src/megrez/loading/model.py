@@ -79,8 +79,12 @@ def load_model(path: str | os.PathLike, device="auto", dtype="auto", progress: b
         from ..quant.recipe import QUANTIZED_SCHEMES, check_scheme, tensor_types
 
         if expert_device is not None:
-            flag = "--memory-budget" if torch.device(expert_device).type == "meta" else "--gpu-memory-budget"
-            raise ValueError(f"quantized weights cannot be offloaded yet (drop {flag} or --quantization)")
+            if torch.device(expert_device).type == "meta":
+                raise ValueError("--memory-budget reads routed experts as the checkpoint stores them; to run them "
+                                 "quantized, write a quantized file first (megrez quantize MODEL OUT.gguf --type "
+                                 f"{quantization}) and use --model OUT.gguf --memory-budget (or drop --quantization)")
+            raise ValueError("quantized weights cannot be offloaded to a GPU yet (drop --gpu-memory-budget or "
+                             "--quantization)")
         scheme = check_scheme(quantization, QUANTIZED_SCHEMES)
         quantize_modules(model, tensor_types(model, scheme), device=device)
         model.quantization = scheme
@@ -117,18 +121,23 @@ def _load_gguf(path: Path, device, dtype, progress, expert_device, quantization,
 
     if quantization is not None:
         raise ValueError(f"{path}: a GGUF file keeps its own tensor types; drop --quantization")
-    if expert_device is not None:
-        flag = "--memory-budget" if torch.device(expert_device).type == "meta" else "--gpu-memory-budget"
-        raise ValueError(f"routed experts of a GGUF file cannot be offloaded yet (drop {flag}, or use the "
-                         f"safetensors checkpoint)")
+    in_file = expert_device is not None and torch.device(expert_device).type == "meta"
+    if expert_device is not None and not in_file:
+        raise ValueError("routed experts of a GGUF file cannot be offloaded to a GPU yet (drop --gpu-memory-budget, "
+                         "or use the safetensors checkpoint)")
     ckpt = GGUFCheckpoint(path)
     device = resolve_device(device)
     dtype = torch.float32 if dtype in (None, "auto") and device.type == "cpu" else resolve_dtype(dtype, {}, device)
     with torch.device("meta"):
         model = build_model(ckpt.config, source=f"{path} (metadata)", **overrides)
-    quantize_modules(model, ckpt.types(), device=device)
-    materialize(model, device, dtype)
-    load_weights(model, [ckpt], progress=progress)
+    types = ckpt.types()
+    if in_file:  # the storage tier reads them from the file, in the file's types
+        types = {k: v for k, v in types.items() if ".mlp.experts." not in k}
+    quantize_modules(model, types, device=device)
+    materialize(model, device, dtype, torch.device("meta") if in_file else None)
+    load_weights(model, [ckpt], progress=progress, skip_routed_experts=in_file)
+    if in_file:
+        drop_page_cache(path)
     model.hf_config = ckpt.config
     model.eval().requires_grad_(False)
     return model
