@@ -5,13 +5,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import textwrap
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+import timing
 import torch
 
 from megrez import LLM, SamplingParams
@@ -254,23 +254,33 @@ def wide_moe(tmp_path_factory):
 RSS_OVERHEAD = 24 << 20  # beyond the budget: allocator slack, the tokenizer, thread stacks, Python objects
 
 
-def test_rss_stays_within_the_budget(wide_moe, tiny_moe):
+@pytest.fixture(scope="module")
+def wide_gguf(wide_moe, tmp_path_factory):
+    """wide_moe as a Q8_0 GGUF file: 51 MiB of routed experts, 4 MiB of the rest."""
+    from megrez.loading.gguf import write_gguf
+
+    model = load_model(wide_moe, device="cpu", quantization="q8_0")
+    return write_gguf(model, tmp_path_factory.mktemp("gguf") / "wide-q8_0.gguf", "q8_0", wide_moe, progress=False)
+
+
+@pytest.mark.parametrize("kind,budget", [("safetensors", 72 << 20), ("gguf", 48 << 20)])
+def test_rss_stays_within_the_budget(kind, budget, wide_moe, tiny_moe, request):
+    path = wide_moe if kind == "safetensors" else request.getfixturevalue("wide_gguf")
+
     def child(budget):
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(wide_moe), str(budget), str(tiny_moe)],
-                             capture_output=True,
-                             text=True, timeout=120)
+        out = timing.run([sys.executable, "-c", RSS_CHILD, str(path), str(budget), str(tiny_moe)], timeout=120)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.splitlines()[-1])
 
-    checkpoint = (wide_moe / "model.safetensors").stat().st_size
-    budget = 72 << 20
+    checkpoint = (path / "model.safetensors").stat().st_size if kind == "safetensors" else path.stat().st_size
     free = child("none")
     capped = child(budget)
     assert capped["tokens"] == free["tokens"]
-    assert free["peak"] - free["before"] > checkpoint  # the measure can tell: without the budget it is all in RAM
-    assert checkpoint > 2.5 * budget
+    # The measure can tell: without the budget it is all in RAM (and only once: a GGUF file is
+    # read, not kept mapped beside the copy).
+    assert checkpoint < free["peak"] - free["before"] < 2 * checkpoint
     s = capped["stats"]
-    assert s["slots"] >= 4 and s["misses"] + s["prefetched"] > s["slots"]  # experts went in and out
+    assert 4 <= s["slots"] <= 32 and s["misses"] + s["prefetched"] > s["slots"]  # 128 experts went in and out
     grew = capped["peak"] - capped["before"]
     print(f"RSS grew by {grew / 2**20:.1f} MiB under a budget of {budget / 2**20:.0f} MiB "
           f"(checkpoint {checkpoint / 2**20:.0f} MiB)")

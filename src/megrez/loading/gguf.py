@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -477,6 +478,12 @@ class GGUFCheckpoint:
                 out.append(ours)
         return out
 
+    def _fd(self) -> int:
+        if getattr(self, "_file", None) is None:
+            self._file = open(self.path, "rb", buffering=0)
+            weakref.finalize(self, self._file.close)
+        return self._file.fileno()
+
     def _locate(self, key: str):
         m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", key)
         if m:
@@ -494,10 +501,21 @@ class GGUFCheckpoint:
 
         ours, index = self._locate(key)
         t, qtype, shape = self.tensors[ours]
-        arr = np.asarray(t.data).view(np.uint8).reshape(*shape[:-1], row_bytes(qtype, shape[-1]))
+        offset = int(t.data_offset)
         if index is not None:
-            arr, shape = arr[index], shape[1:]
-        rows = torch.from_numpy(np.array(arr))  # this tensor's bytes only, out of the memory map
+            shape = shape[1:]
+            offset += index * int(t.n_bytes) // self.tensors[ours][2][0]
+        # Read with pread, not through the reader's memory map: mapped pages would stay in the
+        # process's resident set beside the copy (twice the file's size at the peak).
+        rows = torch.empty(*shape[:-1], row_bytes(qtype, shape[-1]), dtype=torch.uint8)
+        view = memoryview(rows.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd(), [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} is cut short at byte {offset + got}; "
+                                      f"the file is truncated")
+            got += n
         if self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config["num_attention_heads"] if ".q_proj." in ours else \
                 self.config.get("num_key_value_heads") or self.config["num_attention_heads"]
