@@ -478,6 +478,40 @@ class GGUFCheckpoint:
                 out.append(ours)
         return out
 
+    def _where(self, key: str):
+        """(reader tensor, type, our shape, absolute byte offset) of ``key`` (one expert of a
+        stacked tensor is a contiguous slice of it)."""
+        ours, index = self._locate(key)
+        t, qtype, shape = self.tensors[ours]
+        offset = int(t.data_offset)
+        if index is not None:
+            offset += index * int(t.n_bytes) // shape[0]
+            shape = shape[1:]
+        return t, qtype, shape, offset
+
+    def _pread(self, out: torch.Tensor, offset: int, name: str) -> None:
+        # pread, not the reader's memory map: mapped pages would stay in the process's resident
+        # set beside the copy (twice the file's size at the peak).
+        view = memoryview(out.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd(), [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short at byte {offset + got}; "
+                                      f"the file is truncated")
+            got += n
+
+    def read_quant_into(self, key: str, target) -> bool:
+        """Read ``key`` straight into ``target`` (a QuantTensor of the file's type) when no
+        conversion is needed; False otherwise (then :meth:`read` and a copy)."""
+        t, qtype, shape, offset = self._where(key)
+        ours = self._locate(key)[0]
+        if (int(target.qtype) != int(qtype) or tuple(target.shape) != tuple(shape) or not target.data.is_contiguous()
+                or (self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")))):
+            return False
+        self._pread(target.data, offset, t.name)
+        return True
+
     def _fd(self) -> int:
         if getattr(self, "_file", None) is None:
             self._file = open(self.path, "rb", buffering=0)
@@ -499,23 +533,10 @@ class GGUFCheckpoint:
         """A float tensor (F32/F16/BF16 in the file) or a QuantTensor, in our layout."""
         from ..quant.formats import QuantTensor, row_bytes
 
-        ours, index = self._locate(key)
-        t, qtype, shape = self.tensors[ours]
-        offset = int(t.data_offset)
-        if index is not None:
-            shape = shape[1:]
-            offset += index * int(t.n_bytes) // self.tensors[ours][2][0]
-        # Read with pread, not through the reader's memory map: mapped pages would stay in the
-        # process's resident set beside the copy (twice the file's size at the peak).
+        t, qtype, shape, offset = self._where(key)
         rows = torch.empty(*shape[:-1], row_bytes(qtype, shape[-1]), dtype=torch.uint8)
-        view = memoryview(rows.numpy()).cast("B")
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd(), [view[got:]], offset + got)
-            if n == 0:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} is cut short at byte {offset + got}; "
-                                      f"the file is truncated")
-            got += n
+        self._pread(rows, offset, t.name)
+        ours = self._locate(key)[0]
         if self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config["num_attention_heads"] if ".q_proj." in ours else \
                 self.config.get("num_key_value_heads") or self.config["num_attention_heads"]

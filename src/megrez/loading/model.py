@@ -201,6 +201,11 @@ def load_weights(model: torch.nn.Module, files: list, progress: bool | None = No
                     seen[key] = file
                     bar.update(target.numel() * reader.entries[key][0].itemsize)
                     continue
+                if isinstance(target, QuantTensor) and hasattr(reader, "read_quant_into") \
+                        and reader.read_quant_into(key, target):
+                    seen[key] = file  # a GGUF tensor in the model's type: read in place, no copy
+                    bar.update(target.nbytes)
+                    continue
                 tensor = reader.read(key)
                 with torch.no_grad():
                     if isinstance(target, QuantTensor):
