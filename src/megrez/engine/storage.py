@@ -39,7 +39,7 @@ import torch
 
 from ..loading.common import CheckpointError
 from ..loading.safetensors import SafetensorsFile
-from ..quant.formats import QType, QuantTensor, row_bytes
+from ..quant.formats import FLOAT_QTYPES, QType, QuantTensor, row_bytes
 from .offload import Key, OffloadStats, Transfer
 
 ALIGN = 4096         # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices)
@@ -245,9 +245,6 @@ def _safetensors_pieces(reader: SafetensorsFile, owners: list[int], n_experts: i
         owner, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
         if owner in owners and expert < n_experts:  # load_weights reports tensors the model does not have
             yield owner, expert, Piece(name, proj, reader.data_start + begin, end - begin, tdtype, tuple(shape))
-
-
-FLOAT_QTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
 
 def _gguf_pieces(ckpt, owners: list[int], n_experts: int):

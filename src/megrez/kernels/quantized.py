@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as _kernels  # the package (initialising while it imports this module)
-from ..quant.formats import QType, QuantTensor
+from ..quant.formats import FLOAT_QTYPES, QType, QuantTensor
 
 KERNEL_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K)
-PLAIN_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 MAX_PRODUCTS = 256  # per stage of one kernel call (quantized.c)
 
 
@@ -106,11 +105,11 @@ def _run(lib, stage1: list[Product], stage2: list[Product] = ()) -> None:
 
 def _plain(w: QuantTensor) -> torch.Tensor:
     """An unquantized QuantTensor (F32/F16/BF16) as the torch tensor it is."""
-    return w.data.view(PLAIN_TYPES[w.qtype]).view(w.shape)
+    return w.data.view(FLOAT_QTYPES[w.qtype]).view(w.shape)
 
 
 def linear(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if weight.qtype in PLAIN_TYPES:
+    if weight.qtype in FLOAT_QTYPES:
         return _kernels.linear(x, _plain(weight), bias)
     if (lib := _kernel_lib(x, weight)) is None:
         y = F.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())

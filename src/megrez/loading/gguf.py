@@ -479,15 +479,19 @@ class GGUFCheckpoint:
         return out
 
     def _where(self, key: str):
-        """(reader tensor, type, our shape, absolute byte offset) of ``key`` (one expert of a
-        stacked tensor is a contiguous slice of it)."""
+        """(our stacked name, reader tensor, type, our shape, absolute byte offset) of ``key`` (one
+        expert of a stacked tensor is a contiguous slice of it)."""
         ours, index = self._locate(key)
         t, qtype, shape = self.tensors[ours]
         offset = int(t.data_offset)
         if index is not None:
             offset += index * int(t.n_bytes) // shape[0]
             shape = shape[1:]
-        return t, qtype, shape, offset
+        return ours, t, qtype, shape, offset
+
+    def _permuted(self, ours: str) -> bool:
+        """llama.cpp stores a Llama's Q and K rows permuted for its RoPE layout."""
+        return self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
 
     def _pread(self, out: torch.Tensor, offset: int, name: str) -> None:
         # pread, not the reader's memory map: mapped pages would stay in the process's resident
@@ -504,10 +508,9 @@ class GGUFCheckpoint:
     def read_quant_into(self, key: str, target) -> bool:
         """Read ``key`` straight into ``target`` (a QuantTensor of the file's type) when no
         conversion is needed; False otherwise (then :meth:`read` and a copy)."""
-        t, qtype, shape, offset = self._where(key)
-        ours = self._locate(key)[0]
+        ours, t, qtype, shape, offset = self._where(key)
         if (int(target.qtype) != int(qtype) or tuple(target.shape) != tuple(shape) or not target.data.is_contiguous()
-                or (self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")))):
+                or self._permuted(ours)):
             return False
         self._pread(target.data, offset, t.name)
         return True
@@ -533,11 +536,10 @@ class GGUFCheckpoint:
         """A float tensor (F32/F16/BF16 in the file) or a QuantTensor, in our layout."""
         from ..quant.formats import QuantTensor, row_bytes
 
-        t, qtype, shape, offset = self._where(key)
+        ours, t, qtype, shape, offset = self._where(key)
         rows = torch.empty(*shape[:-1], row_bytes(qtype, shape[-1]), dtype=torch.uint8)
         self._pread(rows, offset, t.name)
-        ours = self._locate(key)[0]
-        if self.arch == "llama" and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        if self._permuted(ours):
             heads = self.config["num_attention_heads"] if ".q_proj." in ours else \
                 self.config.get("num_key_value_heads") or self.config["num_attention_heads"]
             rows = rope_unpermute(rows, heads).contiguous()

@@ -44,6 +44,10 @@ BLOCK_SIZES: dict[QType, tuple[int, int]] = {
 }
 
 
+# The unquantized types and the torch dtypes their bytes are.
+FLOAT_QTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+
+
 def row_bytes(qtype: QType, k: int) -> int:
     """Bytes of one row of ``k`` weights; ``k`` must be a multiple of the block size."""
     block, nbytes = BLOCK_SIZES[QType(qtype)]
