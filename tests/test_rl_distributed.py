@@ -24,12 +24,15 @@ TESTS = str(Path(__file__).resolve().parent)
 
 SCRIPT = """
 import json, sys
+from pathlib import Path
 from test_rl import EvenLength
 from megrez.train.rl import RLConfig, RLTrainer
 from megrez.train import distributed
 cfg = RLConfig(**json.loads(sys.argv[1]))
 res = RLTrainer(cfg, task=EvenLength()).run()
-print(json.dumps({"rank": distributed.rank(), "rewards": res["rewards"], "losses": res["losses"]}))
+# one file per rank: two ranks printing to one pipe can interleave their lines
+Path(cfg.out, f"result-rank{distributed.rank()}.json").write_text(
+    json.dumps({"rank": distributed.rank(), "rewards": res["rewards"], "losses": res["losses"]}))
 distributed.cleanup()
 """
 
@@ -51,7 +54,7 @@ def test_two_process_rl_matches_one_process(tmp_path, tok, tok_dir):  # noqa: F8
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                str(nproc), str(script), cfg], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[name] = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+        outs[name] = [json.loads(f.read_text()) for f in sorted((tmp_path / name).glob("result-rank*.json"))]
     dist, (single,) = outs["dist"], outs["single"]
     assert sorted(r["rank"] for r in dist) == [0, 1] and dist[0]["rewards"] == dist[1]["rewards"]
     # Same rollouts (seeds per prompt and sample; weights synced after every update) ...
