@@ -26,6 +26,8 @@ HERE = Path(__file__).parent
 QUANTIZED = HERE / "quantized.c"
 QUANTIZE = HERE / "quantize.c"
 FLOAT = HERE / "small_m.c"
+POOL = HERE / "pool.c"
+HEADERS = [HERE / "pool.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 # megrez_cpu_features() bits
@@ -79,14 +81,14 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    return [QUANTIZED, QUANTIZE, FLOAT] if variant.float_kernels else [QUANTIZED, QUANTIZE]
+    return [QUANTIZED, QUANTIZE, POOL, FLOAT] if variant.float_kernels else [QUANTIZED, QUANTIZE, POOL]
 
 
 def library_path(variant: Variant, cpu_features: int | None, cc: str) -> Path:
     """Where the cache keeps ``variant``'s library: keyed by the sources, the compiler (path and
     version), the flags and the CPU's feature set."""
     key = hashlib.sha256()
-    for s in sources(variant):
+    for s in [*sources(variant), *HEADERS]:
         key.update(s.read_bytes())
     key.update("\0".join([_compiler_id(cc), *COMMON_FLAGS, *variant.flags, f"cpu={cpu_features}"]).encode())
     return cache_dir() / f"megrez-{variant.name}-{key.hexdigest()[:16]}.so"
@@ -98,7 +100,7 @@ def build(variant: Variant, cpu_features: int | None) -> Path:
     if cc is None:
         raise BuildError("no C compiler (cc) found")
     srcs = sources(variant)
-    missing = [str(s) for s in srcs if not s.is_file()]
+    missing = [str(s) for s in [*srcs, *HEADERS] if not s.is_file()]
     if missing:
         raise BuildError(f"{', '.join(missing)} missing from the installation")
     flags = [*COMMON_FLAGS, *variant.flags]
@@ -109,7 +111,7 @@ def build(variant: Variant, cpu_features: int | None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, srcs), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, srcs), "-lm", "-lpthread"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()

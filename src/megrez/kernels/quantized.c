@@ -27,6 +27,8 @@
  * (-mavx2 -mfma -mf16c), avxvnni (+ -mavxvnni), avx512 (+ -mavx512f/bw/vl/dq), avx512vnni
  * (+ -mavx512vnni). The code below picks its path from the compiler's feature macros.
  */
+#include "pool.h"
+
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -814,40 +816,52 @@ static int valid(int64_t count, const mz_product *p) {
     return 1;
 }
 
-/* Stage of a call: quantize the distinct activations, then every product's tiles. Must be
- * called by all threads of a parallel region. */
-static void run_stage(int64_t count, const mz_product *p, act_slot *slots, int64_t ns, const int64_t *slot_of,
-                      const int64_t *tile_start) {
+/* One stage of a call: the products, their distinct activations and where each product's
+ * tiles start in the stage's tile numbering. */
+typedef struct {
+    int64_t count, ns;
+    const mz_product *p;
+    act_slot *slots;
+    const int64_t *slot_of, *tile_start;
+} stage;
+
+static int64_t stage_rows(const stage *st) {
     int64_t rows = 0;
-    for (int64_t j = 0; j < ns; ++j) rows += slots[j].m;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        int64_t j = 0, rr = r;
-        while (rr >= slots[j].m) rr -= slots[j++].m;
-        const act_slot *s = &slots[j];
-        uint8_t *base = s->base + rr * s->stride;
-        quantize_row(s->x + rr * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
-                     (int16_t *)(base + s->q_bytes + s->d_bytes));
-        if (s->d8_bytes) {
-            const float *d = (const float *)(base + s->q_bytes);
-            float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
-            for (int64_t b = 0; b < s->k / 32; ++b)
-                for (int l = 0; l < 8; ++l) d8[8 * b + l] = d[b];
-        }
+    for (int64_t j = 0; j < st->ns; ++j) rows += st->slots[j].m;
+    return rows;
+}
+
+/* Activation row r of the stage (its slots' rows one after another), quantized. */
+static void quantize_item(const stage *st, int64_t r) {
+    int64_t j = 0;
+    while (r >= st->slots[j].m) r -= st->slots[j++].m;
+    const act_slot *s = &st->slots[j];
+    uint8_t *base = s->base + r * s->stride;
+    quantize_row(s->x + r * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
+                 (int16_t *)(base + s->q_bytes + s->d_bytes));
+    if (s->d8_bytes) {
+        const float *d = (const float *)(base + s->q_bytes);
+        float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
+        for (int64_t b = 0; b < s->k / 32; ++b)
+            for (int l = 0; l < 8; ++l) d8[8 * b + l] = d[b];
     }
-    /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its
-     * share; each tile is still computed by one thread in the one order, so results do not
-     * depend on the split. */
-    int64_t chunk = tile_start[count] / (16 * omp_get_num_threads()) + 1;
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t t = 0; t < tile_start[count]; ++t) {
-        int64_t lo = 0, hi = count; /* the product holding tile t: tile_start[lo] <= t < tile_start[lo + 1] */
-        while (hi - lo > 1) {
-            int64_t mid = (lo + hi) / 2;
-            if (tile_start[mid] <= t) lo = mid; else hi = mid;
-        }
-        run_tile(&p[lo], &slots[slot_of[lo]], (t - tile_start[lo]) * tile_rows(p[lo].m));
+}
+
+/* Tile t of the stage: each tile is computed by one thread in the one order, so results do
+ * not depend on which thread ran it. */
+static void tile_item(const stage *st, int64_t t) {
+    int64_t lo = 0, hi = st->count; /* the product holding tile t: tile_start[lo] <= t < tile_start[lo + 1] */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (st->tile_start[mid] <= t) lo = mid; else hi = mid;
     }
+    run_tile(&st->p[lo], &st->slots[st->slot_of[lo]], (t - st->tile_start[lo]) * tile_rows(st->p[lo].m));
+}
+
+/* Phases of a call: quantize stage 1's activations, its tiles, then the same for stage 2. */
+static void call_item(void *ctx, int phase, int64_t item) {
+    const stage *st = (const stage *)ctx + phase / 2;
+    if (phase % 2 == 0) quantize_item(st, item); else tile_item(st, item);
 }
 
 #define MAX_PRODUCTS 256
@@ -881,11 +895,18 @@ int megrez_q_products(int64_t count1, const mz_product *p1, int64_t count2, cons
     for (int64_t i = 0; i < count2; ++i)
         start2[i + 1] = start2[i] + (p2[i].n + tile_rows(p2[i].m) - 1) / tile_rows(p2[i].m);
     int parallel = weight_bytes(count1, p1) + weight_bytes(count2, p2) >= PARALLEL_MIN_BYTES;
-#pragma omp parallel if (parallel)
-    {
-        run_stage(count1, p1, slots1, ns1, slot_of1, start1);
-        if (count2) run_stage(count2, p2, slots2, ns2, slot_of2, start2);
+    int threads = parallel ? omp_get_max_threads() : 1;
+    stage st[2] = {{count1, ns1, p1, slots1, slot_of1, start1}, {count2, ns2, p2, slots2, slot_of2, start2}};
+    mz_job job = {count2 ? 4 : 2, {0}, {0}, call_item, st};
+    for (int i = 0; i < job.nphases / 2; ++i) {
+        int64_t tiles = st[i].tile_start[st[i].count];
+        job.items[2 * i] = stage_rows(&st[i]);
+        job.chunk[2 * i] = 1;
+        /* chunks: few claims, yet a descheduled thread's share is small enough for the others to take */
+        job.items[2 * i + 1] = tiles;
+        job.chunk[2 * i + 1] = tiles / (16 * threads) + 1;
     }
+    mz_run(&job, threads);
     free(buf);
     return 0;
 }

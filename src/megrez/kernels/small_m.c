@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+
+#include "pool.h"
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -98,6 +100,46 @@ static void dot(int wtype, int64_t M, int R, const float *x, const void *w, int6
         dot_f32(M, R, x, (const float *)w, n0, K, out);
 }
 
+typedef struct {
+    int swiglu, wtype;
+    const float **x;
+    const void **w1, **w2;
+    float **y;
+    const int64_t *M, *N;
+    int64_t K;
+    const int64_t *start;
+} grouped_call;
+
+static void grouped_item(void *ctx, int phase, int64_t item) {
+    (void)phase;
+    const grouped_call *c = (const grouped_call *)ctx;
+    const int swiglu = c->swiglu, wtype = c->wtype;
+    const int64_t K = c->K, *start = c->start;
+    const float **x = c->x;
+    const void **w1 = c->w1, **w2 = c->w2;
+    float **y = c->y;
+    const int64_t *M = c->M, *N = c->N;
+    int64_t g = 0;
+    while (item >= start[g + 1]) ++g;
+    int64_t j = item - start[g], m_rows = M[g], n_out = N[g];
+    int R = rows_per_block(m_rows);
+    int64_t blocks = n_out / R, n0;
+    if (j < blocks) {
+        n0 = j * R;
+    } else {
+        n0 = blocks * R + (j - blocks);
+        R = 1;
+    }
+    float a[8 * 4], b[8 * 4];
+    dot(wtype, m_rows, R, x[g], w1[g], n0, K, a);
+    if (swiglu) dot(wtype, m_rows, R, x[g], w2[g], n0, K, b);
+    for (int r = 0; r < R; ++r)
+        for (int64_t m = 0; m < m_rows; ++m) {
+            float v = a[r * m_rows + m];
+            y[g][m * n_out + n0 + r] = swiglu ? silu(v) * b[r * m_rows + m] : v;
+        }
+}
+
 /* G independent products sharing K, run as one parallel loop so that small matrices (one
  * expert, a K/V projection) do not each pay a thread fork/join:
  *   swiglu = 0: y[g][m, n] = x[g][m] . w1[g][n]
@@ -114,31 +156,12 @@ int megrez_grouped(int swiglu, int wtype, int64_t G, const float **x, const void
     }
     int64_t total = start[G], bytes = 0;
     for (int64_t g = 0; g < G; ++g) bytes += (1 + (swiglu != 0)) * N[g] * K * (wtype == 1 ? 2 : 4);
-    /* Small products run on the calling thread: waking the others costs more than they save. */
-    /* Dynamic chunks: where a thread is descheduled (a busy machine), the others take its share. */
-    int64_t chunk = total / (16 * omp_get_max_threads()) + 1;
-#pragma omp parallel for schedule(dynamic, chunk) if (bytes >= (128 << 10))
-    for (int64_t item = 0; item < total; ++item) {
-        int64_t g = 0;
-        while (item >= start[g + 1]) ++g;
-        int64_t j = item - start[g], m_rows = M[g], n_out = N[g];
-        int R = rows_per_block(m_rows);
-        int64_t blocks = n_out / R, n0;
-        if (j < blocks) {
-            n0 = j * R;
-        } else {
-            n0 = blocks * R + (j - blocks);
-            R = 1;
-        }
-        float a[8 * 4], b[8 * 4];
-        dot(wtype, m_rows, R, x[g], w1[g], n0, K, a);
-        if (swiglu) dot(wtype, m_rows, R, x[g], w2[g], n0, K, b);
-        for (int r = 0; r < R; ++r)
-            for (int64_t m = 0; m < m_rows; ++m) {
-                float v = a[r * m_rows + m];
-                y[g][m * n_out + n0 + r] = swiglu ? silu(v) * b[r * m_rows + m] : v;
-            }
-    }
+    /* Small products run on the calling thread: waking the others costs more than they save.
+     * Chunks: a thread the OS has descheduled (a busy machine) leaves little for the others. */
+    int threads = bytes >= (128 << 10) ? omp_get_max_threads() : 1;
+    grouped_call c = {swiglu, wtype, x, w1, w2, y, M, N, K, start};
+    mz_job job = {1, {total}, {total / (16 * threads) + 1}, grouped_item, &c};
+    mz_run(&job, threads);
     return 0;
 }
 

@@ -1,0 +1,92 @@
+"""The kernels' worker threads (kernels/pool.c): results never depend on how many threads ran a
+product or which of them ran what; callers on several Python threads at once, and a process
+forked after the workers started, get the same products."""
+import os
+import threading
+
+import pytest
+import torch
+from test_quantized_kernels import random_weight
+
+from megrez import kernels
+from megrez.kernels import quantized as kq
+from megrez.quant.formats import QType
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
+    return lib
+
+
+def products(seed: int):
+    """Big enough to run on the worker threads (over the kernels' 128 KiB threshold): a
+    quantized two-stage expert call, a quantized product and, where built, float products."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 512, generator=g)
+    experts = [(x[i:i + 1], random_weight(QType.Q8_0, 512, 512, seed + i), random_weight(QType.Q8_0, 512, 512, seed + 10 + i),
+                random_weight(QType.Q6_K, 512, 512, seed + 20 + i)) for i in range(3)]
+    w4 = random_weight(QType.Q4_K, 1000, 512, seed + 30)
+    wf = torch.randn(300, 512, generator=g)
+
+    def run():
+        with torch.inference_mode():
+            out = [*kq.experts_swiglu(experts), kq.linear(x, w4)]
+            if kernels.lib_has_float_kernels(kernels.load()):
+                out += [kernels.linear(x, wf), kernels.swiglu(x, wf, wf)]
+            return out
+    return run
+
+
+def same_bits(a, b):
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_results_do_not_depend_on_the_thread_count(lib):
+    run = products(1)
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            outs[n] = run()
+    finally:
+        torch.set_num_threads(before)
+    assert all(same_bits(outs[1], o) for o in outs.values())
+
+
+def test_callers_on_several_threads_at_once_get_their_own_products(lib):
+    runs = [products(s) for s in (2, 3, 4)]
+    expected = [r() for r in runs]
+    got, errors = {}, []
+
+    def caller(i):
+        try:
+            got[i] = [runs[i % 3]() for _ in range(20)]
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, outs in got.items():
+        assert all(same_bits(o, expected[i % 3]) for o in outs), f"caller {i}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_process_runs_the_kernels(lib):
+    run = products(5)
+    expected = run()  # the workers are running now
+    pid = os.fork()
+    if pid == 0:  # the child: its workers did not survive the fork
+        ok = False
+        try:
+            ok = all(same_bits(run(), expected) for _ in range(3))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
