@@ -187,7 +187,9 @@ def test_kernels_sum_the_8_bit_activations_exactly_but_for_float_rounding(libs, 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_every_variant_returns_the_scalar_reference_bits(libs, qtype):
-    for m, n, k in SHAPES + [(2, 7, 32 * 9 if BLOCK[qtype] == 32 else 256 * 3)]:  # odd block count
+    # odd block counts; 35 blocks: two of the VNNI Q8_0 path's groups of 16, a pair and one more
+    odd = [(2, 7, 32 * 9 if BLOCK[qtype] == 32 else 256 * 3), (3, 5, 32 * 35 if BLOCK[qtype] == 32 else 256 * 5)]
+    for m, n, k in SHAPES + odd:
         w, u = random_weight(qtype, n, k, seed=n), random_weight(qtype, n, k, seed=n + 1)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref, ref_h = kq.reference(libs["scalar"], x, w), kq.reference(libs["scalar"], x, w, u)
