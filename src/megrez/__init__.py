@@ -1,7 +1,7 @@
 """megrez: run, serve and train the Megrez model family (Megrez2 MoE, Megrez-3B)."""
 import os as _os
 
-# Idle OpenMP threads (one pool, shared by torch, MKL and the CPU kernels) spin by default for
+# Idle OpenMP threads (torch's and MKL's pool; the CPU kernels have their own, kernels/pool.c) spin by default for
 # about 3 ms (GNU libgomp) or 200 ms (Intel's runtime) before they sleep. Where other processes
 # use some of the cores, the spinning thread takes the core the working one needs, and decoding
 # slows down tens of times (docs/performance.md, benchmarks/busy_threads.py). A short spin still
