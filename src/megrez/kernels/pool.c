@@ -7,7 +7,7 @@
  * wake-up (measured 70-80 us a call on a 2-vCPU VM: half the time of a 3 MB product). These
  * workers wait in three steps: a few microseconds of pause, then sched_yield() in a loop, which
  * costs nothing when the machine is quiet and hands the core to whoever needs it when it is
- * not, and only after MEGREZ_WAIT_US (default 2000; 0 when OMP_WAIT_POLICY=passive) without
+ * not, and only after MEGREZ_WAIT_US (default 500; 0 when OMP_WAIT_POLICY=passive) without
  * work do they sleep on a condition variable.
  *
  * Publishing a job (a seqlock): the caller makes seq odd, waits until no worker is inside the
@@ -139,7 +139,7 @@ static void start_workers(int n) {
     if (!configured) {
         configured = 1;
         const char *policy = getenv("OMP_WAIT_POLICY"), *us = getenv("MEGREZ_WAIT_US");
-        P.wait_ns = 2000 * 1000LL;
+        P.wait_ns = 500 * 1000LL;
         if (policy && strcasecmp(policy, "passive") == 0) P.wait_ns = 0;
         if (us && *us) P.wait_ns = atoll(us) * 1000LL;
         pthread_atfork(NULL, NULL, after_fork_in_child);
