@@ -18,6 +18,7 @@
 #define _GNU_SOURCE
 #include "pool.h"
 
+#include <omp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -155,6 +156,8 @@ static void start_workers(int n) {
         if (rc != 0) break; /* fewer threads: the caller does the rest */
     }
 }
+
+int mz_threads(int64_t weight_bytes) { return weight_bytes >= (128 << 10) ? omp_get_max_threads() : 1; }
 
 static void run_here(const mz_job *j) {
     for (int p = 0; p < j->nphases; ++p)

@@ -19,6 +19,11 @@ typedef struct {
     void *ctx;
 } mz_job;
 
+/* Threads for a call that reads this many weight bytes: the caller's OpenMP thread count (what
+ * torch.set_num_threads / --threads set), or 1 below 128 KiB, where waking the others costs
+ * more than they save. */
+int mz_threads(int64_t weight_bytes);
+
 /* Runs the job on up to nthreads threads (the caller and nthreads - 1 workers). */
 void mz_run(const mz_job *job, int nthreads);
 #endif

@@ -71,7 +71,8 @@ typedef struct {
     const float *d8;  /* 32-wide formats: [k / 4], each block's scale 8 times (AVX-512 loads two
                        * blocks' lane scales at once); NULL for the K formats */
     const int32_t *c8; /* 32-wide formats: [k / 4], lane l of block b: -128 * (q[32b + 4l] + ... +
-                        * q[32b + 4l + 3]) (VNNI's Q8_0 multiplies w + 128); NULL for the K formats */
+                        * q[32b + 4l + 3]) (VNNI's Q8_0 multiplies w + 128; filled by that build only);
+                        * NULL for the K formats */
 } act;
 
 static inline float fp16_to_f32(const uint8_t *p) {
@@ -868,11 +869,13 @@ static void quantize_item(const stage *st, int64_t r) {
     if (s->d8_bytes) {
         const float *d = (const float *)(base + s->q_bytes);
         float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
-        int32_t *c8 = (int32_t *)((uint8_t *)d8 + s->d8_bytes);
-        const int8_t *q = (const int8_t *)base;
         for (int64_t b = 0; b < s->k / 32; ++b)
             for (int l = 0; l < 8; ++l) d8[8 * b + l] = d[b];
+#if defined(MZ_VNNI512) /* only its Q8_0 loop reads them */
+        int32_t *c8 = (int32_t *)((uint8_t *)d8 + s->d8_bytes);
+        const int8_t *q = (const int8_t *)base;
         for (int64_t l = 0; l < s->k / 4; ++l) c8[l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+#endif
     }
 }
 
@@ -894,8 +897,6 @@ static void call_item(void *ctx, int phase, int64_t item) {
 }
 
 #define MAX_PRODUCTS 256
-/* Below this many weight bytes a call runs on the calling thread: waking the others costs more. */
-#define PARALLEL_MIN_BYTES (128 << 10)
 
 static int64_t weight_bytes(int64_t count, const mz_product *p) {
     int64_t total = 0;
@@ -923,8 +924,7 @@ int megrez_q_products(int64_t count1, const mz_product *p1, int64_t count2, cons
         start1[i + 1] = start1[i] + (p1[i].n + tile_rows(p1[i].m) - 1) / tile_rows(p1[i].m);
     for (int64_t i = 0; i < count2; ++i)
         start2[i + 1] = start2[i] + (p2[i].n + tile_rows(p2[i].m) - 1) / tile_rows(p2[i].m);
-    int parallel = weight_bytes(count1, p1) + weight_bytes(count2, p2) >= PARALLEL_MIN_BYTES;
-    int threads = parallel ? omp_get_max_threads() : 1;
+    int threads = mz_threads(weight_bytes(count1, p1) + weight_bytes(count2, p2));
     stage st[2] = {{count1, ns1, p1, slots1, slot_of1, start1}, {count2, ns2, p2, slots2, slot_of2, start2}};
     mz_job job = {count2 ? 4 : 2, {0}, {0}, call_item, st};
     for (int i = 0; i < job.nphases / 2; ++i) {

@@ -12,7 +12,6 @@
  */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 
 #include "pool.h"
 #include <stdint.h>
@@ -156,9 +155,8 @@ int megrez_grouped(int swiglu, int wtype, int64_t G, const float **x, const void
     }
     int64_t total = start[G], bytes = 0;
     for (int64_t g = 0; g < G; ++g) bytes += (1 + (swiglu != 0)) * N[g] * K * (wtype == 1 ? 2 : 4);
-    /* Small products run on the calling thread: waking the others costs more than they save.
-     * Chunks: a thread the OS has descheduled (a busy machine) leaves little for the others. */
-    int threads = bytes >= (128 << 10) ? omp_get_max_threads() : 1;
+    /* Chunks: a thread the OS has descheduled (a busy machine) leaves little for the others. */
+    int threads = mz_threads(bytes);
     grouped_call c = {swiglu, wtype, x, w1, w2, y, M, N, K, start};
     mz_job job = {1, {total}, {total / (16 * threads) + 1}, grouped_item, &c};
     mz_run(&job, threads);
