@@ -248,6 +248,38 @@ def test_experts_in_one_call_equal_separate_products(libs):
     assert_within(fused[1], exact, bound, "expert 1 against float64")
 
 
+@pytest.mark.parametrize("qtype, qtype_down", [(QType.Q8_0, QType.Q8_0), (QType.Q4_K, QType.Q6_K)], ids=str)
+def test_one_token_moe_call_gives_the_bits_of_the_batched_path(libs, qtype, qtype_down):
+    """A decoding token's routed and shared experts, weighted and summed in one kernel call:
+    the same bits as the token's per-expert products with torch's additions, and as the token
+    among others in the batched (sorted, index_add_) path."""
+    from megrez.models.moe import ExpertBank
+    from megrez.quant.modules import QuantExpertBank, empty_quant
+
+    hidden, inter, n = 512, 256, 6
+    stacks = []
+    for j, (qt, rows, cols) in enumerate([(qtype, inter, hidden), (qtype, inter, hidden), (qtype_down, hidden, inter)]):
+        stack = empty_quant(qt, (n, rows, cols))
+        for e in range(n):
+            stack.data[e] = random_weight(qt, rows, cols, seed=100 * j + e).data
+        stacks.append(stack)
+    bank = QuantExpertBank(*stacks)
+    shared = (random_weight(qtype, 512, hidden, 1), random_weight(qtype, 512, hidden, 2),
+              random_weight(qtype_down, hidden, 512, 3))
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(3, hidden, generator=g)
+    idx = torch.tensor([[4, 0, 2], [5, 1, 3], [2, 0, 1]])
+    ws = torch.rand(3, 3, generator=g)
+    with torch.inference_mode():
+        fused = kernels.quantized.moe_token(xs[1:2], *stacks, [1, 3, 5], ws[1, [1, 2, 0]], [shared])
+        routed, (shared_out,) = bank.one_token(xs[1:2], ws[1:2], idx[1:2], [shared])
+        batched = ExpertBank.forward(bank, xs, ws, idx)[1:2] + kernels.experts_swiglu([(xs, *shared)])[0][1:2]
+        via_bank = bank.one_token_total(xs[1:2], ws[1:2], idx[1:2], [shared])
+    assert torch.equal(fused, routed + shared_out)
+    assert torch.equal(fused, batched)
+    assert torch.equal(via_bank, fused)
+
+
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_c_dequantization_is_ggml_bit_for_bit(libs, qtype):
     w = random_weight(qtype, 9, 512, seed=11)

@@ -57,6 +57,7 @@ def load():
         lib.megrez_swiglu.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, i64, i64]
         lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
     quantized.declare(lib)
+    decode_ops.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
 
@@ -170,4 +171,4 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
 
 
-from . import quantized  # noqa: E402  (it reads this module's state at call time)
+from . import decode_ops, quantized  # noqa: E402  (they read this module's state at call time)

@@ -27,6 +27,7 @@ QUANTIZED = HERE / "quantized.c"
 QUANTIZE = HERE / "quantize.c"
 FLOAT = HERE / "small_m.c"
 POOL = HERE / "pool.c"
+DECODE_OPS = HERE / "decode_ops.c"
 HEADERS = [HERE / "pool.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
@@ -81,7 +82,8 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    return [QUANTIZED, QUANTIZE, POOL, FLOAT] if variant.float_kernels else [QUANTIZED, QUANTIZE, POOL]
+    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS]
+    return [*common, FLOAT] if variant.float_kernels else common
 
 
 def library_path(variant: Variant, cpu_features: int | None, cc: str) -> Path:

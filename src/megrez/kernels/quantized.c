@@ -51,6 +51,9 @@
 #endif
 
 enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
+#ifndef MZ_PF
+#define MZ_PF 4096
+#endif
 #define MAX_ROWS 8 /* rows of x per pass over a weight row */
 
 /* One product of a call: y [m, n] = x [m, k] @ W^T, or silu(x @ W1^T) * (x @ W2^T). */
@@ -440,6 +443,7 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     const __m512i at = _mm512_setr_epi32(0, 34, 68, 102, 136, 170, 204, 238, 272, 306, 340, 374, 408, 442, 476, 510);
     for (; i + 16 <= nb; i += 16) {
         const uint8_t *g = w + 34 * i;
+        for (int t = 0; t < 544; t += 64) _mm_prefetch((const char *)(g + MZ_PF + t), _MM_HINT_T0);
         __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, (const void *)g, 1)));
         __m512 sc[MAX_ROWS];
         for (int m = 0; m < mc; ++m) sc[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d + i)); /* d_w * d_x, as scalar */
@@ -937,6 +941,31 @@ int megrez_q_products(int64_t count1, const mz_product *p1, int64_t count2, cons
     }
     mz_run(&job, threads);
     free(buf);
+    return 0;
+}
+
+/* One token's MoE layer: experts' SwiGLU products on x (stage 1, p1[e]) and their down
+ * projections (stage 2, p2[e], each [1, hidden]) as megrez_q_products, then
+ * out = (((0 + w_0 y_0) + w_1 y_1) + ...) over the first n_weighted experts, plus the remaining
+ * experts' outputs unweighted (the shared experts), one after another: the additions of the
+ * batched path (index_add_ over experts in order, then the shared output) in the same order. */
+int megrez_q_moe_token(int64_t count, const mz_product *p1, const mz_product *p2, int64_t n_weighted,
+                       const float *weights, int64_t hidden, float *out) {
+    if (count < 1 || n_weighted < 0 || n_weighted > count) return -1;
+    for (int64_t e = 0; e < count; ++e)
+        if (p2[e].m != 1 || p2[e].n != hidden) return -1;
+    int rc = megrez_q_products(count, p1, count, p2);
+    if (rc != 0) return rc;
+    for (int64_t d = 0; d < hidden; ++d) out[d] = 0.0f;
+    for (int64_t e = 0; e < count; ++e) {
+        const float *y = p2[e].y;
+        if (e < n_weighted) {
+            float w = weights[e];
+            for (int64_t d = 0; d < hidden; ++d) out[d] += w * y[d];
+        } else {
+            for (int64_t d = 0; d < hidden; ++d) out[d] += y[d];
+        }
+    }
     return 0;
 }
 

@@ -39,11 +39,12 @@ def declare(lib) -> None:
     """ctypes signatures of quantized.c's entry points."""
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.megrez_q_products.argtypes = [i64, ptr, i64, ptr]
+    lib.megrez_q_moe_token.argtypes = [i64, ptr, ptr, i64, ptr, i64, ptr]
     lib.megrez_q_reference.argtypes = [ptr]
     lib.megrez_q_quantize_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr]
     lib.megrez_q_dequantize.argtypes = [c_int, ptr, i64, i64, ptr]
     lib.megrez_quantize.argtypes = [c_int, ptr, i64, i64, ptr]
-    for f in (lib.megrez_q_products, lib.megrez_q_reference, lib.megrez_q_quantize_rows, lib.megrez_q_dequantize,
+    for f in (lib.megrez_q_products, lib.megrez_q_moe_token, lib.megrez_q_reference, lib.megrez_q_quantize_rows, lib.megrez_q_dequantize,
               lib.megrez_quantize):
         f.restype = c_int
 
@@ -170,6 +171,54 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, QuantTensor, QuantTensor, 
         outs.append(y)
     _run(lib, first, second)
     return [y.to(dtype) for y in outs]
+
+
+def moe_token(x: torch.Tensor, gate: QuantTensor, up: QuantTensor, down: QuantTensor, experts: list[int],
+              weights: torch.Tensor, extra: list[tuple[QuantTensor, QuantTensor, QuantTensor]]) -> torch.Tensor | None:
+    """One token's MoE output [1, H] in one kernel call: ``sum_e weights[e] * expert_e(x)`` over
+    ``experts`` of the stacked banks gate/up [E, I, H], down [E, H, I], in the order given, plus
+    the ``extra`` experts' (gate, up, down) outputs unweighted (the shared experts): the bits of
+    :func:`experts_swiglu` followed by the batched path's additions. None where the kernels do
+    not apply. At one token the products take less time than building them one by one in
+    Python, so the experts' matrices are addressed from the stacks directly."""
+    if not (_kernels.enabled and x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled()):
+        return None
+    mats = [gate, up, down, *(w for ws in extra for w in ws)]
+    if (gate.qtype != up.qtype or any(g.qtype != u.qtype for g, u, _ in extra)
+            or not all(w.qtype in KERNEL_TYPES and w.data.is_cpu and w.data.is_contiguous() for w in mats)
+            or len(experts) + len(extra) > MAX_PRODUCTS or (lib := _kernels.load()) is None):
+        return None
+    hidden, inter = x.shape[-1], gate.shape[1]
+    if gate.shape[2] != hidden or down.shape[1] != hidden or any(g.shape[1] != hidden or d.shape[0] != hidden
+                                                                 for g, _, d in extra):
+        return None
+    xr = x.reshape(1, hidden).contiguous()
+    count = len(experts) + len(extra)
+    widths = [inter] * len(experts) + [g.shape[0] for g, _, _ in extra]
+    h = torch.empty(sum(widths))
+    ys = torch.empty(count, hidden)
+    out = torch.empty(1, hidden)
+    first, second = (Product * count)(), (Product * count)()
+    gq, dq = int(gate.qtype), int(down.qtype)
+    g0, u0, d0 = gate.data.data_ptr(), up.data.data_ptr(), down.data.data_ptr()
+    gs, ds = gate.data.stride(0), down.data.stride(0)  # bytes per expert (uint8 data)
+    hp, yp, xp, at = h.data_ptr(), ys.data_ptr(), xr.data_ptr(), 0
+    for i, e in enumerate(experts):
+        first[i] = Product(xp, 1, g0 + e * gs, u0 + e * gs, gq, 1, inter, hidden, hp + 4 * at)
+        second[i] = Product(hp + 4 * at, 1, d0 + e * ds, 0, dq, 0, hidden, inter, yp + 4 * hidden * i)
+        at += inter
+    for j, (g, u, d) in enumerate(extra):
+        i, n = len(experts) + j, g.shape[0]
+        first[i] = Product(xp, 1, g.data.data_ptr(), u.data.data_ptr(), int(g.qtype), 1, n, hidden, hp + 4 * at)
+        second[i] = Product(hp + 4 * at, 1, d.data.data_ptr(), 0, int(d.qtype), 0, hidden, n, yp + 4 * hidden * i)
+        at += n
+    w = weights.to(torch.float32).contiguous()
+    if w.numel() != len(experts):
+        raise ValueError(f"{len(experts)} experts but {w.numel()} weights")
+    rc = lib.megrez_q_moe_token(count, first, second, len(experts), w.data_ptr(), hidden, out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"megrez_q_moe_token failed ({rc}): invalid product shapes or out of memory")
+    return out
 
 
 # ------------------------------------------------------------------ quantizing weights

@@ -90,6 +90,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (y := kernels.decode_ops.rms_norm(x, self.weight, self.eps)) is not None:  # CPU inference
+            return y
         # Normalise in float32 whatever the compute dtype, as the reference implementations do.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -149,6 +151,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = kernels.linear_many(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
                                       [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        # A context may attend to one new token per row itself, RoPE included (the KV cache's
+        # decode kernel); None where it does not apply.
+        step = getattr(ctx, "attend_step", None)
+        if step is not None and (out := step(self.layer_idx, q, k, v, cos, sin, self.n_heads)) is not None:
+            return self.o_proj(out)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)     # [B, nkv, T, hd]
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)

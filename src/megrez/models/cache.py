@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from .base import sdpa
 
 NULL_BLOCK = 0
@@ -86,6 +87,7 @@ class CacheView:
         self._blocks = slice(first, first + n_blocks) if self._contiguous else \
             torch.tensor(tables, device=device).flatten()
         self._rows, self._n_blocks = b, n_blocks
+        self._tables, self._ends, self._step_args = tables, ends, None
         self.mask, self.is_causal = None, False
         if num_new == 1 and len(set(ends)) == 1 and len(set(starts)) == 1:
             pass  # one new token per row, all rows equally long: every gathered key is visible
@@ -113,6 +115,21 @@ class CacheView:
         if q.device.type == "cpu":
             return self._attend_rows(q, keys, values)
         return sdpa(q, keys, values, mask=self.mask, is_causal=self.is_causal)
+
+    def attend_step(self, layer_idx: int, q, k, v, cos, sin, n_heads: int):
+        """One new token per row on the CPU: RoPE, cache write and attention in one kernel call
+        (q [B, 1, n_heads*hd], k/v [B, 1, n_kv*hd] before RoPE) -> [B, 1, n_heads*hd]; None
+        where the kernel does not apply (the caller then rotates and calls :meth:`attend`)."""
+        if self.num_new != 1 or min(self.valid) != 1 or q.device.type != "cpu":
+            return None
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if self._step_args is None:
+            self._step_args = (torch.tensor(self._tables, dtype=torch.int64), torch.tensor(self._ends, dtype=torch.int64))
+        tables, lengths = self._step_args
+        b, hd = q.shape[0], kc.shape[-1]
+        out = kernels.decode_ops.decode_attention(q.view(b, -1), k.view(b, -1), v.view(b, -1), cos.view(b, hd),
+                                                  sin.view(b, hd), kc, vc, tables, lengths, n_heads, hd ** -0.5)
+        return None if out is None else out.view(b, 1, -1)
 
     def _attend_rows(self, q, keys, values):
         """CPU attention one row at a time, each over exactly its own keys: the bits of a row's

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..quant.formats import QuantTensor
 from .base import MLP
 
 
@@ -127,6 +128,20 @@ class ExpertBank(nn.Module):
             out += row
         return out.to(x.dtype), outs[len(served):]
 
+    def one_token_total(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, extra: list = ()):
+        """One token's routed output plus the ``extra`` experts' outputs [1, H]: the sum
+        :meth:`one_token`'s results make, in one kernel call for quantized weights held here."""
+        if type(self).expert_weights is ExpertBank.expert_weights and isinstance(self.gate_proj, QuantTensor):
+            order = indices[0].argsort()
+            out = kernels.quantized.moe_token(x, self.gate_proj, self.up_proj, self.down_proj,
+                                              indices[0, order].tolist(), weights[0, order], list(extra))
+            if out is not None:
+                return out.to(x.dtype)
+        routed, outs = self.one_token(x, weights, indices, extra)
+        for o in outs:
+            routed = routed + o
+        return routed
+
     # Whether tensors from expert_weights stay valid after the next expert is requested.
     weights_stay_valid = True
 
@@ -155,10 +170,9 @@ class MoeBlock(nn.Module):
                 and type(bank).forward is ExpertBank.forward):
             # One token: the shared experts' products join the routed experts' kernel call
             # (the same products, the same bits as running the MLP on its own).
-            routed, (shared_out,) = bank.one_token(y.reshape(1, h), weights, indices,
-                                                   [(shared.gate_proj.weight, shared.up_proj.weight,
-                                                     shared.down_proj.weight)])
-            return routed.view(b, t, h) + shared_out.view(b, t, h)
+            out = bank.one_token_total(y.reshape(1, h), weights, indices,
+                                       [(shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)])
+            return out.view(b, t, h)
         out = bank(y.reshape(b * t, h), weights, indices).view(b, t, h)
         if shared is not None:
             out = out + shared(y)

@@ -1,0 +1,153 @@
+/* The operations of a decoding step other than the weight products: attention against the
+ * paged KV cache (one new token per row) and RMSNorm.
+ *
+ * megrez_decode_attention rotates each row's new query and key (rotate-half RoPE from the
+ * row's cos/sin, the same three IEEE operations per element as torch's x*cos + rot(x)*sin),
+ * writes the key and value into the row's cache slot, then attends over the row's keys
+ * 0..len-1: out = softmax(scale * q.k_s) . v_s. Every row is written before any is read (rows of
+ * one step may share blocks). Each (row, KV head) is computed by one thread in one order, so a
+ * row's result depends neither on the rows beside it nor on the thread count.
+ *
+ * Why in C: at one token per row, the torch version of these steps is about thirty operator
+ * calls per layer, each costing more than the arithmetic. float32 throughout; portable C
+ * (16 independent lanes that the compiler vectorises, -ffp-contract=off).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+typedef struct {
+    int64_t rows, n_heads, n_kv, head_dim;
+    int64_t num_blocks, block_size, max_blocks;
+    const float *q, *k, *v; /* [rows, n_heads | n_kv, head_dim], q and k before rotation */
+    const float *cos, *sin; /* [rows, head_dim] */
+    float *k_cache, *v_cache; /* [n_kv, num_blocks, block_size, head_dim] */
+    const int64_t *tables;  /* [rows, max_blocks] */
+    const int64_t *lengths; /* keys of each row after this step; the new token is the last */
+    float scale;
+    float *out;             /* [rows, n_heads, head_dim] */
+} mz_decode_attention;
+
+#define LANES 16
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float l[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int t = 0; t < LANES; ++t) l[t] += a[d + t] * b[d + t];
+    for (; d < n; ++d) l[0] += a[d] * b[d];
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int t = 0; t < w; ++t) l[t] += l[t + w];
+    return l[0];
+}
+
+static void rotate(const float *x, const float *c, const float *s, int64_t hd, float *out) {
+    int64_t h = hd / 2;
+    for (int64_t d = 0; d < hd; ++d) {
+        float r = d < h ? -x[d + h] : x[d - h];
+        out[d] = x[d] * c[d] + r * s[d];
+    }
+}
+
+typedef struct {
+    const mz_decode_attention *a;
+    float *qrot;   /* [rows, n_heads, head_dim] */
+    float *scores; /* [rows, n_heads, max length] */
+    int64_t max_len;
+} call;
+
+static inline float *slot(const mz_decode_attention *a, float *cache, int64_t row, int64_t kv, int64_t pos) {
+    int64_t block = a->tables[row * a->max_blocks + pos / a->block_size];
+    return cache + ((kv * a->num_blocks + block) * a->block_size + pos % a->block_size) * a->head_dim;
+}
+
+static void write_row(const call *c, int64_t r) {
+    const mz_decode_attention *a = c->a;
+    int64_t hd = a->head_dim, pos = a->lengths[r] - 1;
+    const float *cs = a->cos + r * hd, *sn = a->sin + r * hd;
+    for (int64_t h = 0; h < a->n_heads; ++h)
+        rotate(a->q + (r * a->n_heads + h) * hd, cs, sn, hd, c->qrot + (r * a->n_heads + h) * hd);
+    for (int64_t g = 0; g < a->n_kv; ++g) {
+        rotate(a->k + (r * a->n_kv + g) * hd, cs, sn, hd, slot(a, a->k_cache, r, g, pos));
+        memcpy(slot(a, a->v_cache, r, g, pos), a->v + (r * a->n_kv + g) * hd, (size_t)hd * sizeof(float));
+    }
+}
+
+static void attend(const call *c, int64_t r, int64_t g) {
+    const mz_decode_attention *a = c->a;
+    int64_t hd = a->head_dim, len = a->lengths[r], rep = a->n_heads / a->n_kv;
+    const float *q = c->qrot + (r * a->n_heads + g * rep) * hd;
+    float *sc = c->scores + (r * a->n_heads + g * rep) * c->max_len;
+    for (int64_t s = 0; s < len; ++s) {
+        const float *k = slot(a, a->k_cache, r, g, s);
+        for (int64_t j = 0; j < rep; ++j) sc[j * c->max_len + s] = dot(q + j * hd, k, hd) * a->scale;
+    }
+    for (int64_t j = 0; j < rep; ++j) {
+        float *p = sc + j * c->max_len, m = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < len; ++s) m = p[s] > m ? p[s] : m;
+        for (int64_t s = 0; s < len; ++s) {
+            p[s] = expf(p[s] - m);
+            sum += p[s];
+        }
+        float *o = a->out + (r * a->n_heads + g * rep + j) * hd;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int64_t s = 0; s < len; ++s) {
+            const float *v = slot(a, a->v_cache, r, g, s);
+            float w = p[s];
+            for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
+        }
+        float inv = 1.0f / sum;
+        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    }
+}
+
+static void run_item(void *ctx, int phase, int64_t item) {
+    const call *c = (const call *)ctx;
+    if (phase == 0)
+        write_row(c, item);
+    else
+        attend(c, item / c->a->n_kv, item % c->a->n_kv);
+}
+
+/* 0 on success, -1 for invalid arguments, -2 out of memory. */
+int megrez_decode_attention(const mz_decode_attention *a) {
+    if (a->rows < 1 || a->n_kv < 1 || a->n_heads % a->n_kv || a->head_dim < 2 || a->head_dim % 2 ||
+        a->block_size < 1 || a->max_blocks < 1)
+        return -1;
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < a->rows; ++r) {
+        int64_t len = a->lengths[r];
+        if (len < 1 || len > a->max_blocks * a->block_size) return -1;
+        for (int64_t b = 0; b < (len + a->block_size - 1) / a->block_size; ++b) {
+            int64_t block = a->tables[r * a->max_blocks + b];
+            if (block < 0 || block >= a->num_blocks) return -1;
+        }
+        max_len = len > max_len ? len : max_len;
+    }
+    float *qrot = (float *)malloc((size_t)(a->rows * a->n_heads * (a->head_dim + max_len)) * sizeof(float));
+    if (qrot == NULL) return -2;
+    call c = {a, qrot, qrot + a->rows * a->n_heads * a->head_dim, max_len};
+    int64_t kv_bytes = 0;
+    for (int64_t r = 0; r < a->rows; ++r) kv_bytes += 2 * a->lengths[r] * a->n_kv * a->head_dim * 4;
+    mz_job job = {2, {a->rows, a->rows * a->n_kv}, {1, 1}, run_item, &c};
+    mz_run(&job, mz_threads(kv_bytes));
+    free(qrot);
+    return 0;
+}
+
+/* y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), rows of n floats: torch's float32 RMSNorm
+ * with the weight multiplied last, the sum of squares in a fixed order per row (a row's
+ * result does not depend on how many rows there are). */
+int megrez_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, float eps, float *y) {
+    if (rows < 0 || n < 1) return -1;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float inv = 1.0f / sqrtf(dot(xr, xr, n) / (float)n + eps);
+        for (int64_t d = 0; d < n; ++d) yr[d] = w[d] * (xr[d] * inv);
+    }
+    return 0;
+}
