@@ -37,24 +37,32 @@ from megrez.quant.modules import empty_quant
 
 
 class KernelTimer:
-    """Time inside the quantized kernel calls (wraps their one entry point)."""
+    """Time inside the quantized kernel calls (wraps their entry points: the products' and a
+    decoding token's whole MoE layer's)."""
+
+    NAMES = ("_run", "moe_token")
 
     def __init__(self):
-        self.seconds, self.calls, self._run = 0.0, 0, kq._run
+        self.seconds, self.calls = 0.0, 0
+        self._real = {name: getattr(kq, name) for name in self.NAMES}
 
     def __enter__(self):
-        def timed(*args):
-            t = time.perf_counter()
-            try:
-                return self._run(*args)
-            finally:
-                self.seconds += time.perf_counter() - t
-                self.calls += 1
-        kq._run = timed
+        def timed(real):
+            def call(*args):
+                t = time.perf_counter()
+                try:
+                    return real(*args)
+                finally:
+                    self.seconds += time.perf_counter() - t
+                    self.calls += 1
+            return call
+        for name, real in self._real.items():
+            setattr(kq, name, timed(real))
         return self
 
     def __exit__(self, *exc):
-        kq._run = self._run
+        for name, real in self._real.items():
+            setattr(kq, name, real)
 
 
 def prefill_products(m: int, threads: int) -> list[dict]:

@@ -51,9 +51,9 @@
 #endif
 
 enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
-#ifndef MZ_PF
-#define MZ_PF 4096
-#endif
+/* Bytes ahead of the Q8_0 stream (VNNI loop) to prefetch: the hardware prefetchers stop at
+ * 4 KiB pages; a 16k x 1024 product from DRAM went from 10.8-16.1 to 16.2-17.0 GB/s here. */
+#define Q8_PREFETCH 4096
 #define MAX_ROWS 8 /* rows of x per pass over a weight row */
 
 /* One product of a call: y [m, n] = x [m, k] @ W^T, or silu(x @ W1^T) * (x @ W2^T). */
@@ -443,7 +443,7 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     const __m512i at = _mm512_setr_epi32(0, 34, 68, 102, 136, 170, 204, 238, 272, 306, 340, 374, 408, 442, 476, 510);
     for (; i + 16 <= nb; i += 16) {
         const uint8_t *g = w + 34 * i;
-        for (int t = 0; t < 544; t += 64) _mm_prefetch((const char *)(g + MZ_PF + t), _MM_HINT_T0);
+        for (int t = 0; t < 544; t += 64) _mm_prefetch((const char *)(g + Q8_PREFETCH + t), _MM_HINT_T0);
         __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, (const void *)g, 1)));
         __m512 sc[MAX_ROWS];
         for (int m = 0; m < mc; ++m) sc[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d + i)); /* d_w * d_x, as scalar */
