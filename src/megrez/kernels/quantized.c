@@ -51,9 +51,11 @@
 #endif
 
 enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
-/* Bytes ahead of the Q8_0 stream (VNNI loop) to prefetch: the hardware prefetchers stop at
- * 4 KiB pages; a 16k x 1024 product from DRAM went from 10.8-16.1 to 16.2-17.0 GB/s here. */
-#define Q8_PREFETCH 4096
+/* Bytes ahead of the weight stream to prefetch (AVX-512 loops: Q8_0 with VNNI, Q4_K at one
+ * row of x, Q6_K): the hardware prefetchers stop at 4 KiB pages. From DRAM at 2 threads, a
+ * 16k x 1024 Q8_0 product went from 10.8-16.1 to 16.2-17.0 GB/s, a 2048 x 1024 Q4_K one from
+ * 8.5-9.9 to 11.3-14.6 GB/s. */
+#define PREFETCH_AHEAD 4096
 #define MAX_ROWS 8 /* rows of x per pass over a weight row */
 
 /* One product of a call: y [m, n] = x [m, k] @ W^T, or silu(x @ W1^T) * (x @ W2^T). */
@@ -342,17 +344,18 @@ INLINE __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
 }
 INLINE __m256i loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-/* Q4_K's 6-bit scales and mins as bytes sc0..sc7, m0..m7 (llama.cpp's mask trick). */
+/* Q4_K's 6-bit scales and mins as bytes sc0..sc7, m0..m7 (llama.cpp's mask trick on the three
+ * dwords u0..u2 of the 12 bytes), in vector registers: dwords [u0 & k1, (u2 & k2) | ((u0 >> 6)
+ * & k3) << 4, u1 & k1, ((u2 >> 4) & k2) | ((u1 >> 6) & k3) << 4]. Reads 16 bytes from s12 (the
+ * scales and the first quants of the block). */
 INLINE __m128i q4_k_scales_mins(const uint8_t *s12) {
-    uint32_t u[4];
-    memcpy(u, s12, 12);
-    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-    uint32_t m03 = u[1] & k1;
-    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-    u[2] = m03;
-    u[0] &= k1;
-    return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
+    const __m128i k1 = _mm_set1_epi32(0x3f3f3f3f), k2 = _mm_set1_epi32(0x0f0f0f0f), k3 = _mm_set1_epi32(0x03030303);
+    __m128i v = _mm_loadu_si128((const __m128i *)s12);
+    __m128i p = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)); /* u0 u2 u1 u2 */
+    __m128i q = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)); /* u0 u0 u1 u1 */
+    __m128i low = _mm_and_si128(_mm_srlv_epi32(p, _mm_setr_epi32(0, 0, 0, 4)), k2);
+    __m128i high = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(q, 6), k3), 4);
+    return _mm_blend_epi32(_mm_and_si128(p, k1), _mm_or_si128(low, high), 0xA);
 }
 /* Exact totals of the int32 lanes of a (8 lanes) and b (4 lanes). */
 INLINE void hsum2_i32(__m256i a, __m128i b, int32_t *ta, int32_t *tb) {
@@ -443,7 +446,7 @@ INLINE void q8_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     const __m512i at = _mm512_setr_epi32(0, 34, 68, 102, 136, 170, 204, 238, 272, 306, 340, 374, 408, 442, 476, 510);
     for (; i + 16 <= nb; i += 16) {
         const uint8_t *g = w + 34 * i;
-        for (int t = 0; t < 544; t += 64) _mm_prefetch((const char *)(g + Q8_PREFETCH + t), _MM_HINT_T0);
+        for (int t = 0; t < 544; t += 64) _mm_prefetch((const char *)(g + PREFETCH_AHEAD + t), _MM_HINT_T0);
         __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, (const void *)g, 1)));
         __m512 sc[MAX_ROWS];
         for (int m = 0; m < mc; ++m) sc[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d + i)); /* d_w * d_x, as scalar */
@@ -553,6 +556,51 @@ INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     for (int m = 0; m < mc; ++m) out[m] = acc[m];
 }
 
+/* Q4_K at one row of x, four weight rows at a time (decoding): the rows' integer totals are
+ * reduced together and their float steps run in four lanes, lane r in row r's reference order
+ * (the same bits as q4_k_rows), so the horizontal sums and the scalar combine are paid once
+ * for four rows. */
+INLINE void q4_k_rows4(const uint8_t *w, int64_t rb, const act *x, int64_t nb, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0xf);
+    const __m128i mins = _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1);
+    const __m128i at = _mm_setr_epi32(0, (int)rb, (int)(2 * rb), (int)(3 * rb));
+    const __m256i halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int8_t *xq = x->q + 256 * b;
+        __m256i xs = loadu(x->s + 16 * b);
+        __m128i x32 = _mm_hadd_epi16(_mm256_castsi256_si128(xs), _mm256_extracti128_si256(xs, 1)); /* sums of 32 */
+        __m256i tq[4];
+        __m128i tm[4];
+        for (int r = 0; r < 4; ++r) {
+            const uint8_t *blk = w + r * rb + 144 * b, *qs = blk + 16;
+            for (int t = 0; t < 144; t += 64) _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + t), _MM_HINT_T0);
+            __m128i sm8 = q4_k_scales_mins(blk + 4);
+            __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm8));
+            __m512i sq = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) {
+                __m256i raw = loadu(qs + 32 * j);
+                __m512i q = join256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                __m512i s16 = _mm512_permutexvar_epi16(
+                    join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1))), sc16);
+                sq = madd_acc512(sq, _mm512_maddubs_epi16(q, _mm512_loadu_si512((const void *)(xq + 64 * j))), s16);
+            }
+            tq[r] = _mm256_add_epi32(_mm512_castsi512_si256(sq), _mm512_extracti64x4_epi64(sq, 1));
+            tm[r] = _mm_madd_epi16(_mm_shuffle_epi8(sm8, mins), x32);
+        }
+        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(tq[0], tq[1]), _mm256_hadd_epi32(tq[2], tq[3]));
+        __m128i sq4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        __m128i sm4 = _mm_hadd_epi32(_mm_hadd_epi32(tm[0], tm[1]), _mm_hadd_epi32(tm[2], tm[3]));
+        /* each row's (d, dmin) fp16 pair as one dword: d0 dmin0 d1 dmin1 ... -> d0..d3 | dmin0..dmin3 */
+        __m256 dm = _mm256_permutevar8x32_ps(
+            _mm256_cvtph_ps(_mm_i32gather_epi32((const int *)(const void *)(w + 144 * b), at, 1)), halves);
+        __m128 t1 = _mm_mul_ps(_mm256_castps256_ps128(dm), _mm_cvtepi32_ps(sq4));
+        __m128 t2 = _mm_mul_ps(_mm256_extractf128_ps(dm, 1), _mm_cvtepi32_ps(sm4));
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(x->d[b]), _mm_sub_ps(t1, t2)));
+    }
+    _mm_storeu_ps(out, acc);
+}
+
 INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
     float acc[MAX_ROWS];
     for (int m = 0; m < mc; ++m) acc[m] = 0.0f;
@@ -562,6 +610,7 @@ INLINE void q6_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
                                           0x0002000200020002LL, 0x0001000100010001LL, 0x0001000100010001LL, 0, 0);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + 210 * b;
+        for (int t = 0; t < 210; t += 64) _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + t), _MM_HINT_T0);
         __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
         __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
         __m512i s[MAX_ROWS];
@@ -755,7 +804,17 @@ static void rows_dot(int qtype, const uint8_t *w, int64_t rb, int64_t nr, const 
         case QT_Q8_0: q8_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
         case QT_Q4_0: q4_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
         case QT_Q5_0: q5_0_dispatch(w, rb, nr, x, mc, k / 32, out); return;
-        case QT_Q4_K: q4_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
+        case QT_Q4_K:
+#if defined(MZ_AVX512)
+            if (mc == 1) {
+                int64_t r = 0;
+                for (; r + 4 <= nr; r += 4) q4_k_rows4(w + r * rb, rb, x, k / 256, out + r);
+                if (r < nr) q4_k_dispatch(w + r * rb, rb, nr - r, x, 1, k / 256, out + r);
+                return;
+            }
+#endif
+            q4_k_dispatch(w, rb, nr, x, mc, k / 256, out);
+            return;
         default: q6_k_dispatch(w, rb, nr, x, mc, k / 256, out); return;
     }
 }
