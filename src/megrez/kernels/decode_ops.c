@@ -76,31 +76,89 @@ static void write_row(const call *c, int64_t r) {
     }
 }
 
+/* exp(x) in place for x <= 0 (scores after subtracting their maximum): x = n ln2 + r with
+ * |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^6 (truncation < 1.3e-7 relative), times
+ * 2^n through the exponent bits. A loop the compiler vectorises, where libm's expf is one call
+ * per score; below -87 (where float32 is about to underflow) the result is exp(-87). */
+static void exp_row(float *p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        float x = p[i] < -87.0f ? -87.0f : p[i];
+        float k = nearbyintf(x * 1.44269504f);
+        float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+        float e = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+        union { int32_t i; float f; } two = {((int32_t)k + 127) << 23};
+        p[i] = e * two.f;
+    }
+}
+
+/* The scores of R query heads against one key: R dot products side by side (R independent
+ * chains of 16 lanes each, the key read once). */
+#define SCORES(R)                                                                                         \
+    static void scores_##R(const float *q, const float *k, int64_t hd, float scale, float *out,          \
+                           int64_t stride) {                                                              \
+        float l[R][LANES] = {{0}};                                                                        \
+        int64_t d = 0;                                                                                    \
+        for (; d + LANES <= hd; d += LANES)                                                               \
+            for (int j = 0; j < R; ++j)                                                                   \
+                for (int t = 0; t < LANES; ++t) l[j][t] += q[j * hd + d + t] * k[d + t];                  \
+        for (; d < hd; ++d)                                                                               \
+            for (int j = 0; j < R; ++j) l[j][0] += q[j * hd + d] * k[d];                                  \
+        for (int j = 0; j < R; ++j) {                                                                     \
+            for (int w = LANES / 2; w > 0; w /= 2)                                                        \
+                for (int t = 0; t < w; ++t) l[j][t] += l[j][t + w];                                       \
+            out[j * stride] = l[j][0] * scale;                                                            \
+        }                                                                                                 \
+    }
+SCORES(1)
+SCORES(2)
+SCORES(4)
+SCORES(8)
+
+static void score_heads(const float *q, int64_t rep, const float *k, int64_t hd, float scale, float *out,
+                        int64_t stride) {
+    int64_t j = 0;
+    for (; j + 8 <= rep; j += 8) scores_8(q + j * hd, k, hd, scale, out + j * stride, stride);
+    for (; j + 4 <= rep; j += 4) scores_4(q + j * hd, k, hd, scale, out + j * stride, stride);
+    for (; j + 2 <= rep; j += 2) scores_2(q + j * hd, k, hd, scale, out + j * stride, stride);
+    for (; j < rep; ++j) scores_1(q + j * hd, k, hd, scale, out + j * stride, stride);
+}
+
 static void attend(const call *c, int64_t r, int64_t g) {
     const mz_decode_attention *a = c->a;
-    int64_t hd = a->head_dim, len = a->lengths[r], rep = a->n_heads / a->n_kv;
+    int64_t hd = a->head_dim, len = a->lengths[r], rep = a->n_heads / a->n_kv, ms = c->max_len;
     const float *q = c->qrot + (r * a->n_heads + g * rep) * hd;
-    float *sc = c->scores + (r * a->n_heads + g * rep) * c->max_len;
-    for (int64_t s = 0; s < len; ++s) {
-        const float *k = slot(a, a->k_cache, r, g, s);
-        for (int64_t j = 0; j < rep; ++j) sc[j * c->max_len + s] = dot(q + j * hd, k, hd) * a->scale;
+    float *sc = c->scores + (r * a->n_heads + g * rep) * ms;
+    float *o = a->out + (r * a->n_heads + g * rep) * hd; /* the group's heads are consecutive */
+    int64_t bs = a->block_size;
+    /* keys block by block (no division per key) */
+    for (int64_t s0 = 0; s0 < len; s0 += bs) {
+        const float *kb = slot(a, a->k_cache, r, g, s0);
+        int64_t n = len - s0 < bs ? len - s0 : bs;
+        for (int64_t i = 0; i < n; ++i) score_heads(q, rep, kb + i * hd, hd, a->scale, sc + s0 + i, ms);
     }
     for (int64_t j = 0; j < rep; ++j) {
-        float *p = sc + j * c->max_len, m = -INFINITY, sum = 0.0f;
+        float *p = sc + j * ms, m = -INFINITY;
         for (int64_t s = 0; s < len; ++s) m = p[s] > m ? p[s] : m;
-        for (int64_t s = 0; s < len; ++s) {
-            p[s] = expf(p[s] - m);
-            sum += p[s];
-        }
-        float *o = a->out + (r * a->n_heads + g * rep + j) * hd;
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t s = 0; s < len; ++s) {
-            const float *v = slot(a, a->v_cache, r, g, s);
-            float w = p[s];
-            for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
-        }
-        float inv = 1.0f / sum;
-        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+        for (int64_t s = 0; s < len; ++s) p[s] -= m;
+        exp_row(p, len);
+    }
+    memset(o, 0, (size_t)(rep * hd) * sizeof(float));
+    for (int64_t s0 = 0; s0 < len; s0 += bs) { /* each value row read once for the group's heads */
+        const float *vb = slot(a, a->v_cache, r, g, s0);
+        int64_t n = len - s0 < bs ? len - s0 : bs;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < rep; ++j) {
+                float w = sc[j * ms + s0 + i], *oj = o + j * hd;
+                const float *v = vb + i * hd;
+                for (int64_t d = 0; d < hd; ++d) oj[d] += w * v[d];
+            }
+    }
+    for (int64_t j = 0; j < rep; ++j) {
+        const float *p = sc + j * ms;
+        float sum = 0.0f;
+        for (int64_t s = 0; s < len; ++s) sum += p[s];
+        float inv = 1.0f / sum, *oj = o + j * hd;
+        for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
     }
 }
 
