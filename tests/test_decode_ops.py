@@ -175,3 +175,41 @@ def test_engine_decodes_through_the_kernel_to_the_tokens_of_torch_operators(lib,
     fused = generate(True)
     assert calls, "the engine did not use the decode attention kernel"
     assert fused == generate(False)
+
+
+@pytest.mark.parametrize("shape, scheme", [("llama-test", "q8_0"), ("llama-test", "q4_k_m"), ("megrez2-test", "q4_k_m")])
+def test_fused_decoder_layer_gives_the_bits_of_the_modules_one_by_one(lib, monkeypatch, shape, scheme):
+    """A decode step whose layers run as one kernel call each (quantized weights) against the
+    same step run module by module: the same logits and the same cache, bit for bit, for rows
+    of different lengths sharing a block."""
+    from megrez.bench import random_model
+    from megrez.models.cache import KVCache
+
+    torch.manual_seed(1)
+    model = random_model(shape, torch.device("cpu"), torch.float32, quantization=scheme).eval()
+    layers, n_kv, hd = model.kv_layout()
+    cache = KVCache(layers, 12, 4, n_kv, hd, torch.float32, "cpu")
+    tables = [[3, 7, 1], [3, 5, 4], [9, 2, 11, 6]]
+    lengths = [9, 5, 13]  # tokens cached before this step; rows 0 and 1 share block 3
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for b, (table, n) in enumerate(zip(tables, lengths)):
+            prompt = torch.randint(0, model.args.vocab_size, (1, n), generator=g)
+            model(prompt, cache.view([0], n, [table]))
+        tokens = torch.randint(0, model.args.vocab_size, (3, 1), generator=g)
+        keys, values = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
+
+        calls = []
+        real = decode_ops.decode_layer
+        monkeypatch.setattr(decode_ops, "decode_layer", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+        fused = model(tokens, cache.view(lengths, 1, tables))
+        assert len(calls) == layers and all(c is not None for c in calls), "the layers did not run fused"
+        fused_k, fused_v = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
+
+        for i in range(layers):
+            cache.k[i].copy_(keys[i])
+            cache.v[i].copy_(values[i])
+        monkeypatch.setattr(decode_ops, "decode_layer", lambda *a, **k: None)
+        plain = model(tokens, cache.view(lengths, 1, tables))
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_k, cache.k)) and all(torch.equal(a, b) for a, b in zip(fused_v, cache.v))

@@ -28,7 +28,7 @@ QUANTIZE = HERE / "quantize.c"
 FLOAT = HERE / "small_m.c"
 POOL = HERE / "pool.c"
 DECODE_OPS = HERE / "decode_ops.c"
-HEADERS = [HERE / "pool.h"]  # part of the cache key: the sources include them
+HEADERS = [HERE / "pool.h", HERE / "products.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 # megrez_cpu_features() bits

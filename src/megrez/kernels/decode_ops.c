@@ -1,5 +1,6 @@
 /* The operations of a decoding step other than the weight products: attention against the
- * paged KV cache (one new token per row) and RMSNorm.
+ * paged KV cache (one new token per row), RMSNorm, and a whole decoder layer with quantized
+ * weights chaining them with the products of quantized.c.
  *
  * megrez_decode_attention rotates each row's new query and key (rotate-half RoPE from the
  * row's cos/sin, the same three IEEE operations per element as torch's x*cos + rot(x)*sin),
@@ -18,6 +19,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "products.h"
 
 typedef struct {
     int64_t rows, n_heads, n_kv, head_dim;
@@ -208,4 +210,57 @@ int megrez_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, flo
         for (int64_t d = 0; d < n; ++d) yr[d] = w[d] * (xr[d] * inv);
     }
     return 0;
+}
+
+/* One decoder layer at one new token per row, quantized weights (no biases):
+ *   x = rms_norm(h_in, norm1); q, k, v = x Wq^T, x Wk^T, x Wv^T; a = attention (as above);
+ *   h_out = h_in + a Wo^T; y = rms_norm(h_out, norm2);
+ *   with an MLP (wg != NULL): h_out = h_out + (silu(y Wg^T) * (y Wu^T)) Wd^T.
+ * The same operations in the same order as the model's modules run them one by one, so the same
+ * bits, in one call instead of about ten. */
+typedef struct {
+    int64_t rows, hidden, n_heads, n_kv, head_dim, inter;
+    const float *h_in;
+    float *h_out, *y;        /* [rows, hidden] each */
+    const float *norm1, *norm2;
+    float eps, scale;
+    const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
+    int32_t tq, tk, tv, to, tgu, td;
+    const float *cos, *sin;  /* [rows, head_dim] */
+    float *k_cache, *v_cache;
+    int64_t num_blocks, block_size, max_blocks;
+    const int64_t *tables, *lengths;
+} mz_decode_layer;
+
+int megrez_decode_layer(const mz_decode_layer *L) {
+    int64_t rows = L->rows, H = L->hidden, nq = L->n_heads * L->head_dim, nkv = L->n_kv * L->head_dim;
+    if (rows < 1 || H < 1 || nq < 1 || nkv < 1 || (L->wg != NULL && L->inter < 1)) return -1;
+    int64_t floats = rows * (H + nq + 2 * nkv + nq + H + (L->wg ? L->inter + H : 0));
+    float *buf = (float *)malloc((size_t)floats * sizeof(float));
+    if (buf == NULL) return -2;
+    float *xn = buf, *q = xn + rows * H, *k = q + rows * nq, *v = k + rows * nkv, *att = v + rows * nkv,
+          *o = att + rows * nq, *g = o + rows * H, *d = g + rows * (L->wg ? L->inter : 0);
+    int rc = megrez_rms_norm(L->h_in, L->norm1, rows, H, L->eps, xn);
+    mz_product qkv[3] = {{xn, rows, L->wq, NULL, L->tq, 0, nq, H, q},
+                         {xn, rows, L->wk, NULL, L->tk, 0, nkv, H, k},
+                         {xn, rows, L->wv, NULL, L->tv, 0, nkv, H, v}};
+    if (rc == 0) rc = megrez_q_products(3, qkv, 0, NULL);
+    mz_decode_attention a = {rows, L->n_heads, L->n_kv, L->head_dim, L->num_blocks, L->block_size, L->max_blocks,
+                             q, k, v, L->cos, L->sin, L->k_cache, L->v_cache, L->tables, L->lengths, L->scale, att};
+    if (rc == 0) rc = megrez_decode_attention(&a);
+    mz_product out = {att, rows, L->wo, NULL, L->to, 0, H, nq, o};
+    if (rc == 0) rc = megrez_q_products(1, &out, 0, NULL);
+    if (rc == 0) {
+        for (int64_t i = 0; i < rows * H; ++i) L->h_out[i] = L->h_in[i] + o[i];
+        rc = megrez_rms_norm(L->h_out, L->norm2, rows, H, L->eps, L->y);
+    }
+    if (rc == 0 && L->wg != NULL) {
+        mz_product up = {L->y, rows, L->wg, L->wu, L->tgu, 1, L->inter, H, g};
+        mz_product down = {g, rows, L->wd, NULL, L->td, 0, H, L->inter, d};
+        rc = megrez_q_products(1, &up, 1, &down);
+        if (rc == 0)
+            for (int64_t i = 0; i < rows * H; ++i) L->h_out[i] = L->h_out[i] + d[i];
+    }
+    free(buf);
+    return rc;
 }

@@ -1,6 +1,6 @@
 """The operations of a decoding step other than the weight products (``decode_ops.c``):
 attention of one new token per row against the paged KV cache, with its RoPE and cache write,
-and RMSNorm. At a few rows, torch spends far longer dispatching these operators than computing
+RMSNorm, and a whole decoder layer with quantized weights in one call. At a few rows, torch spends far longer dispatching these operators than computing
 them. float32 on the CPU, with autograd off; callers fall back to torch when :func:`available`
 is false."""
 from __future__ import annotations
@@ -22,10 +22,23 @@ class DecodeAttention(ctypes.Structure):
                 ("scale", _f32), ("out", _ptr)]
 
 
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("hidden", _i64), ("n_heads", _i64), ("n_kv", _i64), ("head_dim", _i64), ("inter", _i64),
+                ("h_in", _ptr), ("h_out", _ptr), ("y", _ptr), ("norm1", _ptr), ("norm2", _ptr),
+                ("eps", _f32), ("scale", _f32),
+                ("wq", _ptr), ("wk", _ptr), ("wv", _ptr), ("wo", _ptr), ("wg", _ptr), ("wu", _ptr), ("wd", _ptr),
+                ("tq", ctypes.c_int32), ("tk", ctypes.c_int32), ("tv", ctypes.c_int32), ("to", ctypes.c_int32),
+                ("tgu", ctypes.c_int32), ("td", ctypes.c_int32),
+                ("cos", _ptr), ("sin", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+                ("num_blocks", _i64), ("block_size", _i64), ("max_blocks", _i64), ("tables", _ptr), ("lengths", _ptr)]
+
+
 def declare(lib) -> None:
     lib.megrez_decode_attention.argtypes = [ctypes.POINTER(DecodeAttention)]
+    lib.megrez_decode_layer.argtypes = [ctypes.POINTER(DecodeLayer)]
     lib.megrez_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
-    lib.megrez_decode_attention.restype = lib.megrez_rms_norm.restype = ctypes.c_int
+    for f in (lib.megrez_decode_attention, lib.megrez_decode_layer, lib.megrez_rms_norm):
+        f.restype = ctypes.c_int
 
 
 def _lib():
@@ -71,3 +84,48 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, tables: torch.Tensor, 
     if rc != 0:
         raise RuntimeError(f"megrez_decode_attention failed ({rc}): invalid cache layout or out of memory")
     return out
+
+
+def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float, attention: tuple,
+                 mlp: tuple | None, cos, sin, k_cache, v_cache, tables, lengths, n_heads: int, scale: float):
+    """One decoder layer at one new token per row: h [B, H] float32, ``attention`` the
+    (q, k, v, o) QuantTensors, ``mlp`` the (gate, up, down) QuantTensors or None (the layer's
+    MLP is run by the caller, e.g. an MoE layer's). Returns (h after the layer [B, H], the
+    post-attention norm's output y [B, H]), or None where the kernel does not apply (nothing
+    is written then)."""
+    from .quantized import KERNEL_TYPES
+
+    mats = (*attention, *(mlp or ()))
+    if (not _usable(h, cos, sin, k_cache, v_cache, *norms) or (lib := _lib()) is None
+            or not all(w.qtype in KERNEL_TYPES and w.data.is_cpu and w.data.is_contiguous() for w in mats)
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or (mlp is not None and mlp[0].qtype != mlp[1].qtype)):
+        return None
+    wq, wk, wv, wo = attention
+    rows, hidden = h.shape
+    n_kv, num_blocks, block_size, hd = k_cache.shape
+    if (wq.shape != (n_heads * hd, hidden) or wk.shape != (n_kv * hd, hidden) or wv.shape != wk.shape
+            or wo.shape != (hidden, n_heads * hd)):
+        return None
+    inter = 0
+    if mlp is not None:
+        inter = mlp[0].shape[0]
+        if mlp[0].shape != (inter, hidden) or mlp[1].shape != mlp[0].shape or mlp[2].shape != (hidden, inter):
+            return None
+    h = h.contiguous()
+    h_out, y = torch.empty_like(h), torch.empty_like(h)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    gate, up, down = mlp if mlp is not None else (None, None, None)
+    args = DecodeLayer(rows, hidden, n_heads, n_kv, hd, inter, h.data_ptr(), h_out.data_ptr(), y.data_ptr(),
+                       norms[0].data_ptr(), norms[1].data_ptr(), eps, scale,
+                       wq.data.data_ptr(), wk.data.data_ptr(), wv.data.data_ptr(), wo.data.data_ptr(),
+                       gate.data.data_ptr() if gate else None, up.data.data_ptr() if up else None,
+                       down.data.data_ptr() if down else None,
+                       int(wq.qtype), int(wk.qtype), int(wv.qtype), int(wo.qtype),
+                       int(gate.qtype) if gate else 0, int(down.qtype) if down else 0,
+                       cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                       num_blocks, block_size, tables.shape[1], tables.data_ptr(), lengths.data_ptr())
+    rc = lib.megrez_decode_layer(ctypes.byref(args))
+    if rc != 0:
+        raise RuntimeError(f"megrez_decode_layer failed ({rc}): invalid shapes, cache layout or out of memory")
+    return h_out, y

@@ -28,6 +28,7 @@
  * (+ -mavx512vnni). The code below picks its path from the compiler's feature macros.
  */
 #include "pool.h"
+#include "products.h"
 
 #include <math.h>
 #include <omp.h>
@@ -57,16 +58,6 @@ enum { QT_Q4_0 = 2, QT_Q5_0 = 6, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q6_K = 14 };
  * 8.5-9.9 to 11.3-14.6 GB/s. */
 #define PREFETCH_AHEAD 4096
 #define MAX_ROWS 8 /* rows of x per pass over a weight row */
-
-/* One product of a call: y [m, n] = x [m, k] @ W^T, or silu(x @ W1^T) * (x @ W2^T). */
-typedef struct {
-    const float *x;
-    int64_t m;
-    const uint8_t *w1, *w2; /* [n, row bytes]; w2: the up projection when swiglu, else unused */
-    int32_t qtype, swiglu;
-    int64_t n, k;
-    float *y;
-} mz_product;
 
 /* One quantized activation row. */
 typedef struct {

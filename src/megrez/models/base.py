@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..quant.formats import QuantTensor
 
 
 class ConfigError(ValueError):
@@ -231,6 +232,33 @@ class DecoderLayer(nn.Module):
     def attention_block(self, h, ctx, cos, sin):
         h = h + self.self_attn(self.input_layernorm(h), ctx, cos, sin)
         return h, self.post_attention_layernorm(h)
+
+    def decode_step(self, h, ctx, cos, sin, with_mlp: bool):
+        """The attention half (and, ``with_mlp``, the MLP) at one new token per row in one
+        kernel call, for quantized weights on the CPU: (h after it, the post-attention norm's
+        output), the bits of :meth:`attention_block` and the MLP run one by one; None where it
+        does not apply."""
+        step = getattr(ctx, "step_cache", None)
+        if step is None or h.shape[1] != 1 or (cache := step(self.self_attn.layer_idx)) is None:
+            return None
+        attn, mlp = self.self_attn, self.mlp if with_mlp else None
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        if mlp is not None:
+            if type(mlp) is not MLP:
+                return None
+            projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        weights = [getattr(p, "weight", None) for p in projs]
+        if not all(isinstance(w, QuantTensor) for w in weights) or any(p.bias is not None for p in projs):
+            return None
+        b = h.shape[0]
+        hd = cache[0].shape[-1]
+        out = kernels.decode_ops.decode_layer(
+            h.view(b, -1), (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+            self.input_layernorm.eps, tuple(weights[:4]), tuple(weights[4:]) if mlp is not None else None,
+            cos.reshape(b, hd), sin.reshape(b, hd), *cache, attn.n_heads, hd ** -0.5)
+        if out is None:
+            return None
+        return out[0].view(b, 1, -1), out[1].view(b, 1, -1)
 
 
 class Backbone(nn.Module):

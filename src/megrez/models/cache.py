@@ -116,16 +116,22 @@ class CacheView:
             return self._attend_rows(q, keys, values)
         return sdpa(q, keys, values, mask=self.mask, is_causal=self.is_causal)
 
+    def step_cache(self, layer_idx: int):
+        """(keys, values, block tables [B, blocks], lengths [B]) of a layer for the decode
+        kernels when this pass is one new token per row on the CPU, else None."""
+        if self.num_new != 1 or min(self.valid) != 1 or self.cache.k[layer_idx].device.type != "cpu":
+            return None
+        if self._step_args is None:
+            self._step_args = (torch.tensor(self._tables, dtype=torch.int64), torch.tensor(self._ends, dtype=torch.int64))
+        return (self.cache.k[layer_idx], self.cache.v[layer_idx], *self._step_args)
+
     def attend_step(self, layer_idx: int, q, k, v, cos, sin, n_heads: int):
         """One new token per row on the CPU: RoPE, cache write and attention in one kernel call
         (q [B, 1, n_heads*hd], k/v [B, 1, n_kv*hd] before RoPE) -> [B, 1, n_heads*hd]; None
         where the kernel does not apply (the caller then rotates and calls :meth:`attend`)."""
-        if self.num_new != 1 or min(self.valid) != 1 or q.device.type != "cpu":
+        if (step := self.step_cache(layer_idx)) is None:
             return None
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        if self._step_args is None:
-            self._step_args = (torch.tensor(self._tables, dtype=torch.int64), torch.tensor(self._ends, dtype=torch.int64))
-        tables, lengths = self._step_args
+        kc, vc, tables, lengths = step
         b, hd = q.shape[0], kc.shape[-1]
         out = kernels.decode_ops.decode_attention(q.view(b, -1), k.view(b, -1), v.view(b, -1), cos.view(b, hd),
                                                   sin.view(b, hd), kc, vc, tables, lengths, n_heads, hd ** -0.5)

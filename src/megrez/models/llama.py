@@ -40,6 +40,9 @@ class Model(TransformerLM):
 
     def run_layers(self, h, ctx, cos, sin):
         for layer in self.layers:
+            if (fused := layer.decode_step(h, ctx, cos, sin, with_mlp=True)) is not None:
+                h = fused[0]
+                continue
             h, y = layer.attention_block(h, ctx, cos, sin)
             h = h + layer.mlp(y)
         return h

@@ -155,7 +155,10 @@ class Model(TransformerLM):
         for i, layer in enumerate(self.layers):
             moe = self.args.is_moe(i)
             routing, ahead = ahead, None
-            h, y = layer.attention_block(h, ctx, cos, sin)
+            # Decoding with quantized weights: the attention half (and a dense layer's MLP) in
+            # one kernel call.
+            fused = layer.decode_step(h, ctx, cos, sin, with_mlp=not moe)
+            h, y = fused if fused is not None else layer.attention_block(h, ctx, cos, sin)
             if moe and routing is None:  # no pre-gating, or an MoE layer with no layer before it
                 routing = self.route_layer(i, y)
             if self.args.pre_gate and i + 1 < n and self.args.is_moe(i + 1):
@@ -166,7 +169,7 @@ class Model(TransformerLM):
             if moe:
                 bank = self.layers[self.args.owner(i)].mlp.experts
                 h = h + layer.mlp(y, *routing, bank)
-            else:
+            elif fused is None:
                 h = h + layer.mlp(y)
         return h
 
