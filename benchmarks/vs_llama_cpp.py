@@ -27,7 +27,8 @@ default`` gives it the environment as it was before megrez changed it (libgomp's
 With the llama-cpp-python bindings both engines share one process, so one policy.
 
 Our decode also reports the time inside the matrix products (``kernels.linear``,
-``linear_many`` and ``swiglu``, their Python wrappers included) per step: the rest of the step
+``linear_many`` and ``swiglu``, their Python wrappers included; a decoder layer run as one
+kernel call, ``decode_ops.decode_layer``, counts whole) per step: the rest of the step
 is the model's other torch operations and the engine's Python. ``--profile`` runs only our
 decode of each type under ``torch.profiler`` (the products marked as one range) and prints
 where a step's time goes; it needs no llama.cpp:
@@ -87,9 +88,12 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 class ProductTimer:
     """Wall time inside the model's matrix products (the kernels module's entry points the
-    models call, float and quantized), counted once where one calls another."""
+    models call, float and quantized), counted once where one calls another. A decoder layer
+    that runs as one kernel call (quantized weights, ``decode_ops.decode_layer``) counts whole:
+    its norms and attention with its products."""
 
     NAMES = ("linear", "linear_many", "swiglu", "experts_swiglu")
+    LAYER = "decode_layer"
 
     def __init__(self):
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, {}
@@ -111,11 +115,13 @@ class ProductTimer:
         for name in self.NAMES:
             self._saved[name] = getattr(kernels, name)
             setattr(kernels, name, self._wrap(self._saved[name]))
+        self._saved[self.LAYER] = getattr(kernels.decode_ops, self.LAYER)
+        setattr(kernels.decode_ops, self.LAYER, self._wrap(self._saved[self.LAYER]))
         return self
 
     def __exit__(self, *exc):
         for name, f in self._saved.items():
-            setattr(kernels, name, f)
+            setattr(kernels.decode_ops if name == self.LAYER else kernels, name, f)
 
 
 def ours(path: Path, threads: int, decode: int, prefill: int) -> dict:
