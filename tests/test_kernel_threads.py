@@ -90,3 +90,22 @@ def test_a_forked_process_runs_the_kernels(lib):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("value, warned", [("abc", True), ("-5", True), ("+5", True), ("99999999", True), ("250", False)])
+def test_a_malformed_wait_time_is_said_and_ignored(value, warned):
+    """MEGREZ_WAIT_US that is not a whole number of microseconds (0 to 10 s) is named on stderr
+    and the default is kept (pool.c parses it strictly), instead of silently meaning 0."""
+    import sys
+
+    import timing
+
+    code = ("import torch; from megrez import kernels; lib = kernels.load(); "
+            "print('loaded' if lib is not None else 'none')")
+    r = timing.run([sys.executable, "-c", code], timeout=120, env={**os.environ, "MEGREZ_WAIT_US": value})
+    assert r.returncode == 0, r.stderr
+    if r.stdout.strip() != "loaded":
+        pytest.skip("CPU kernels unavailable here")
+    assert ("ignoring MEGREZ_WAIT_US=" in r.stderr) == warned, r.stderr
+    if warned:
+        assert repr(value) in r.stderr and "whole number of microseconds" in r.stderr

@@ -50,6 +50,7 @@ def load():
         if build.compiler() is not None:  # a broken toolchain is worth saying; a missing one is said by the users
             print(f"megrez: CPU kernels unavailable ({reason}); using torch", file=sys.stderr)
         return None
+    _check_wait_us()
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     if lib_has_float_kernels(lib):
         lib.megrez_grouped.argtypes = [c_int, c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
@@ -60,6 +61,15 @@ def load():
     decode_ops.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
+
+
+def _check_wait_us() -> None:
+    """MEGREZ_WAIT_US (how long idle kernel workers wait before sleeping, pool.c) must be a whole
+    number of microseconds, 0 to 10,000,000; pool.c ignores anything else, and this says so."""
+    raw = os.environ.get("MEGREZ_WAIT_US", "")
+    if raw and not (raw.isdigit() and int(raw) <= 10_000_000):
+        print(f"megrez: ignoring MEGREZ_WAIT_US={raw!r}: expected a whole number of microseconds from 0 to "
+              "10000000; idle kernel threads wait the default (500, or 0 with OMP_WAIT_POLICY=passive)", file=sys.stderr)
 
 
 def lib_has_float_kernels(lib) -> bool:

@@ -142,7 +142,12 @@ static void start_workers(int n) {
         const char *policy = getenv("OMP_WAIT_POLICY"), *us = getenv("MEGREZ_WAIT_US");
         P.wait_ns = 500 * 1000LL;
         if (policy && strcasecmp(policy, "passive") == 0) P.wait_ns = 0;
-        if (us && *us) P.wait_ns = atoll(us) * 1000LL;
+        if (us && *us) { /* a whole number of microseconds up to 10 s; anything else keeps the default
+                          * (kernels/__init__.py says so on stderr) */
+            char *end;
+            long long v = strtoll(us, &end, 10);
+            if (us[0] >= '0' && us[0] <= '9' && *end == '\0' && v <= 10000000LL) P.wait_ns = v * 1000LL;
+        }
         pthread_atfork(NULL, NULL, after_fork_in_child);
     }
     if (n > MAX_WORKERS) n = MAX_WORKERS;
