@@ -1,6 +1,16 @@
 import pytest
 
+from megrez import kernels
 from megrez.tiny import create_tiny
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The compiled CPU kernels (a test module may override this with stricter needs)."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
+    return lib
 
 
 @pytest.fixture(scope="session")

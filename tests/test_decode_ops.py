@@ -6,20 +6,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from rounding import U32, gamma
 
 from megrez import kernels
 from megrez.kernels import decode_ops
 from megrez.models.base import RMSNorm, Rotary, apply_rotary
-
-
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.load()
-    if lib is None:
-        pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
-    return lib
 
 
 @pytest.mark.parametrize("n", [1000, 64, 3])

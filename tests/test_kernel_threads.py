@@ -13,14 +13,6 @@ from megrez.kernels import quantized as kq
 from megrez.quant.formats import QType
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.load()
-    if lib is None:
-        pytest.skip(f"CPU kernels unavailable here: {kernels.reason}")
-    return lib
-
-
 def products(seed: int):
     """Big enough to run on the worker threads (over the kernels' 128 KiB threshold): a
     quantized two-stage expert call, a quantized product and, where built, float products."""

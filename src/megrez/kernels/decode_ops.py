@@ -10,6 +10,7 @@ import ctypes
 import torch
 
 from .. import kernels as _kernels
+from .quantized import KERNEL_TYPES
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -93,8 +94,6 @@ def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps:
     MLP is run by the caller, e.g. an MoE layer's). Returns (h after the layer [B, H], the
     post-attention norm's output y [B, H]), or None where the kernel does not apply (nothing
     is written then)."""
-    from .quantized import KERNEL_TYPES
-
     mats = (*attention, *(mlp or ()))
     if (not _usable(h, cos, sin, k_cache, v_cache, *norms) or (lib := _lib()) is None
             or not all(w.qtype in KERNEL_TYPES and w.data.is_cpu and w.data.is_contiguous() for w in mats)
