@@ -59,6 +59,7 @@ def load():
         lib.megrez_grouped.restype = lib.megrez_linear.restype = lib.megrez_swiglu.restype = ctypes.c_int
     quantized.declare(lib)
     decode_ops.declare(lib)
+    routing.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
 
@@ -181,4 +182,4 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
 
 
-from . import decode_ops, quantized  # noqa: E402  (they read this module's state at call time)
+from . import decode_ops, quantized, routing  # noqa: E402  (they read this module's state at call time)

@@ -28,6 +28,7 @@ QUANTIZE = HERE / "quantize.c"
 FLOAT = HERE / "small_m.c"
 POOL = HERE / "pool.c"
 DECODE_OPS = HERE / "decode_ops.c"
+ROUTING = HERE / "routing.c"
 HEADERS = [HERE / "pool.h", HERE / "products.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
@@ -82,7 +83,7 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS]
+    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS, ROUTING]
     return [*common, FLOAT] if variant.float_kernels else common
 
 

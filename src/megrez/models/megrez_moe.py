@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .base import _REQUIRED, MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, require, validate_common
-from .moe import MoeBlock, RoutingConfig, route
+from .moe import MoeBlock, RoutingConfig, route_rows
 
 ROUTER_BIAS_CHOICES = ("own", "owner", "none")
 
@@ -142,8 +142,8 @@ class Model(TransformerLM):
         return self.layers[src].mlp.gate.e_score_correction_bias
 
     def route_layer(self, i: int, route_in: torch.Tensor):
-        logits = self.layers[i].mlp.gate(route_in.reshape(-1, route_in.shape[-1]))
-        weights, indices = route(logits, self.selection_bias(i), self.routing_cfg)
+        weights, indices = route_rows(route_in.reshape(-1, route_in.shape[-1]), self.layers[i].mlp.gate,
+                                      self.selection_bias(i), self.routing_cfg)
         if self.routing_override is not None:
             weights, indices = self.routing_override(i, weights, indices)
         for hook in self.routing_hooks:

@@ -55,6 +55,19 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: RoutingConfig):
     return weights * cfg.routed_scaling_factor, indices
 
 
+def route_rows(x: torch.Tensor, router: "Router", bias: torch.Tensor | None, cfg: RoutingConfig):
+    """:func:`route` of ``router(x)`` for x [N, H]: in one kernel call where it applies (the CPU,
+    autograd off, float32 router, no group-limited choice), each row routed in one fixed order,
+    so a token's experts do not depend on its batch; with torch otherwise."""
+    if cfg.topk_method in ("noaux_tc", "greedy") and not (cfg.n_group > 1 and cfg.topk_group < cfg.n_group):
+        out = kernels.routing.route(x, router.weight, bias if cfg.topk_method == "noaux_tc" else None, cfg.top_k,
+                                    cfg.scoring_func != "sigmoid", cfg.norm_topk_prob,
+                                    float(cfg.routed_scaling_factor))
+        if out is not None:
+            return out
+    return route(router(x), bias, cfg)
+
+
 class Router(nn.Module):
     # Selection is decided by small bias differences: keep the bias in float32 in any dtype.
     float32_buffers = ("e_score_correction_bias",)
