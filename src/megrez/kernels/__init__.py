@@ -60,6 +60,7 @@ def load():
     quantized.declare(lib)
     decode_ops.declare(lib)
     routing.declare(lib)
+    moe_step.declare(lib)
     _lib, _state = lib, "loaded"
     return lib
 
@@ -182,4 +183,4 @@ def experts_swiglu(segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return [F.linear(swiglu(x, g, u), d) for x, g, u, d in segments]
 
 
-from . import decode_ops, quantized, routing  # noqa: E402  (they read this module's state at call time)
+from . import decode_ops, moe_step, quantized, routing  # noqa: E402  (they read this module's state at call time)

@@ -29,7 +29,8 @@ FLOAT = HERE / "small_m.c"
 POOL = HERE / "pool.c"
 DECODE_OPS = HERE / "decode_ops.c"
 ROUTING = HERE / "routing.c"
-HEADERS = [HERE / "pool.h", HERE / "products.h"]  # part of the cache key: the sources include them
+MOE_STEP = HERE / "moe_step.c"
+HEADERS = [HERE / "pool.h", HERE / "products.h", HERE / "decode_ops.h", HERE / "routing.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 # megrez_cpu_features() bits
@@ -83,7 +84,7 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS, ROUTING]
+    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS, ROUTING, MOE_STEP]
     return [*common, FLOAT] if variant.float_kernels else common
 
 

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "decode_ops.h"
 #include "products.h"
 
 typedef struct {
@@ -218,19 +219,6 @@ int megrez_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, flo
  *   with an MLP (wg != NULL): h_out = h_out + (silu(y Wg^T) * (y Wu^T)) Wd^T.
  * The same operations in the same order as the model's modules run them one by one, so the same
  * bits, in one call instead of about ten. */
-typedef struct {
-    int64_t rows, hidden, n_heads, n_kv, head_dim, inter;
-    const float *h_in;
-    float *h_out, *y;        /* [rows, hidden] each */
-    const float *norm1, *norm2;
-    float eps, scale;
-    const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
-    int32_t tq, tk, tv, to, tgu, td;
-    const float *cos, *sin;  /* [rows, head_dim] */
-    float *k_cache, *v_cache;
-    int64_t num_blocks, block_size, max_blocks;
-    const int64_t *tables, *lengths;
-} mz_decode_layer;
 
 int megrez_decode_layer(const mz_decode_layer *L) {
     int64_t rows = L->rows, H = L->hidden, nq = L->n_heads * L->head_dim, nkv = L->n_kv * L->head_dim;

@@ -87,6 +87,35 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, tables: torch.Tensor, 
     return out
 
 
+def layer_args(hidden: int, norms: tuple[torch.Tensor, torch.Tensor], eps: float, attention: tuple, mlp: tuple | None,
+               n_heads: int, n_kv: int, head_dim: int, scale: float) -> DecodeLayer | None:
+    """The fixed part of a :func:`decode_layer` call (weights, norms, shapes; the per-step
+    pointers left unset), or None where the kernel does not apply to these weights."""
+    mats = (*attention, *(mlp or ()))
+    if (not all(n.is_cpu and n.dtype is torch.float32 for n in norms) or not all(w.qtype in KERNEL_TYPES and w.data.is_cpu and w.data.is_contiguous() for w in mats)
+            or (mlp is not None and mlp[0].qtype != mlp[1].qtype) or not all(n.is_contiguous() for n in norms)):
+        return None
+    wq, wk, wv, wo = attention
+    if (wq.shape != (n_heads * head_dim, hidden) or wk.shape != (n_kv * head_dim, hidden) or wv.shape != wk.shape
+            or wo.shape != (hidden, n_heads * head_dim) or any(n.shape != (hidden,) for n in norms)):
+        return None
+    inter = 0
+    if mlp is not None:
+        inter = mlp[0].shape[0]
+        if mlp[0].shape != (inter, hidden) or mlp[1].shape != mlp[0].shape or mlp[2].shape != (hidden, inter):
+            return None
+    gate, up, down = mlp if mlp is not None else (None, None, None)
+    args = DecodeLayer()
+    args.hidden, args.n_heads, args.n_kv, args.head_dim, args.inter = hidden, n_heads, n_kv, head_dim, inter
+    args.norm1, args.norm2, args.eps, args.scale = norms[0].data_ptr(), norms[1].data_ptr(), eps, scale
+    args.wq, args.wk, args.wv, args.wo = (w.data.data_ptr() for w in attention)
+    args.tq, args.tk, args.tv, args.to = (int(w.qtype) for w in attention)
+    if mlp is not None:
+        args.wg, args.wu, args.wd = gate.data.data_ptr(), up.data.data_ptr(), down.data.data_ptr()
+        args.tgu, args.td = int(gate.qtype), int(down.qtype)
+    return args
+
+
 def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float, attention: tuple,
                  mlp: tuple | None, cos, sin, k_cache, v_cache, tables, lengths, n_heads: int, scale: float):
     """One decoder layer at one new token per row: h [B, H] float32, ``attention`` the
@@ -94,36 +123,21 @@ def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps:
     MLP is run by the caller, e.g. an MoE layer's). Returns (h after the layer [B, H], the
     post-attention norm's output y [B, H]), or None where the kernel does not apply (nothing
     is written then)."""
-    mats = (*attention, *(mlp or ()))
-    if (not _usable(h, cos, sin, k_cache, v_cache, *norms) or (lib := _lib()) is None
-            or not all(w.qtype in KERNEL_TYPES and w.data.is_cpu and w.data.is_contiguous() for w in mats)
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-            or (mlp is not None and mlp[0].qtype != mlp[1].qtype)):
+    if (not _usable(h, cos, sin, k_cache, v_cache) or (lib := _lib()) is None
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
         return None
-    wq, wk, wv, wo = attention
     rows, hidden = h.shape
     n_kv, num_blocks, block_size, hd = k_cache.shape
-    if (wq.shape != (n_heads * hd, hidden) or wk.shape != (n_kv * hd, hidden) or wv.shape != wk.shape
-            or wo.shape != (hidden, n_heads * hd)):
+    args = layer_args(hidden, norms, eps, attention, mlp, n_heads, n_kv, hd, scale)
+    if args is None:
         return None
-    inter = 0
-    if mlp is not None:
-        inter = mlp[0].shape[0]
-        if mlp[0].shape != (inter, hidden) or mlp[1].shape != mlp[0].shape or mlp[2].shape != (hidden, inter):
-            return None
     h = h.contiguous()
     h_out, y = torch.empty_like(h), torch.empty_like(h)
     cos, sin = cos.contiguous(), sin.contiguous()
-    gate, up, down = mlp if mlp is not None else (None, None, None)
-    args = DecodeLayer(rows, hidden, n_heads, n_kv, hd, inter, h.data_ptr(), h_out.data_ptr(), y.data_ptr(),
-                       norms[0].data_ptr(), norms[1].data_ptr(), eps, scale,
-                       wq.data.data_ptr(), wk.data.data_ptr(), wv.data.data_ptr(), wo.data.data_ptr(),
-                       gate.data.data_ptr() if gate else None, up.data.data_ptr() if up else None,
-                       down.data.data_ptr() if down else None,
-                       int(wq.qtype), int(wk.qtype), int(wv.qtype), int(wo.qtype),
-                       int(gate.qtype) if gate else 0, int(down.qtype) if down else 0,
-                       cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                       num_blocks, block_size, tables.shape[1], tables.data_ptr(), lengths.data_ptr())
+    args.rows, args.h_in, args.h_out, args.y = rows, h.data_ptr(), h_out.data_ptr(), y.data_ptr()
+    args.cos, args.sin, args.k_cache, args.v_cache = cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+    args.num_blocks, args.block_size, args.max_blocks = num_blocks, block_size, tables.shape[1]
+    args.tables, args.lengths = tables.data_ptr(), lengths.data_ptr()
     rc = lib.megrez_decode_layer(ctypes.byref(args))
     if rc != 0:
         raise RuntimeError(f"megrez_decode_layer failed ({rc}): invalid shapes, cache layout or out of memory")

@@ -17,4 +17,8 @@ typedef struct {
 /* Runs count1 products, then count2 products (which may read the first stage's outputs), in
  * one parallel call. 0 on success. */
 int megrez_q_products(int64_t count1, const mz_product *p1, int64_t count2, const mz_product *p2);
+/* One token's MoE layer (quantized.c): stage-1 products p1 (SwiGLU), stage-2 p2 (down, each
+ * [1, hidden]), out = the first n_weighted outputs weighted, in order, plus the rest. */
+int megrez_q_moe_token(int64_t count, const mz_product *p1, const mz_product *p2, int64_t n_weighted,
+                       const float *weights, int64_t hidden, float *out);
 #endif

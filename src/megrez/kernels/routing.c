@@ -16,18 +16,8 @@
 #include <stdlib.h>
 
 #include "pool.h"
+#include "routing.h"
 
-typedef struct {
-    int64_t rows, hidden, experts, top_k;
-    const float *x;      /* [rows, hidden] */
-    const float *w;      /* [experts, hidden] */
-    const float *bias;   /* [experts], added to the scores for the choice only; NULL: none */
-    int32_t softmax;     /* 0: sigmoid scores, 1: softmax */
-    int32_t normalize;
-    float scale;
-    float *weights;      /* [rows, top_k] */
-    int64_t *indices;    /* [rows, top_k] */
-} mz_route;
 
 #define LANES 16
 #define MAX_EXPERTS 1024
@@ -83,7 +73,7 @@ static void route_row(void *ctx, int phase, int64_t r) {
 }
 
 int megrez_route(const mz_route *a) {
-    if (a->rows < 0 || a->hidden < 1 || a->experts < 1 || a->experts > MAX_EXPERTS || a->top_k < 1 ||
+    if (a->x == NULL || a->w == NULL || a->weights == NULL || a->indices == NULL || a->rows < 0 || a->hidden < 1 || a->experts < 1 || a->experts > MAX_EXPERTS || a->top_k < 1 ||
         a->top_k > a->experts)
         return -1;
     mz_job job = {1, {a->rows}, {1}, route_row, (void *)a};

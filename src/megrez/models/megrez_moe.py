@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import torch
 
+from .. import kernels
+from ..quant.formats import QuantTensor
 from .base import _REQUIRED, MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, require, validate_common
-from .moe import MoeBlock, RoutingConfig, route_rows
+from .moe import ExpertBank, MoeBlock, RoutingConfig, route_rows
 
 ROUTER_BIAS_CHOICES = ("own", "owner", "none")
 
@@ -128,6 +130,7 @@ class Model(TransformerLM):
         # Optional f(layer, weights, indices) -> (weights, indices) replacing the router's choice
         # (to replay a recorded expert-selection trace); runs before the hooks.
         self.routing_override = None
+        self._step_plan = (None, None)  # (what it was built from, kernels.moe_step.Plan or None)
 
     def set_router_bias(self, mode: str) -> None:
         if mode not in ROUTER_BIAS_CHOICES:
@@ -151,6 +154,9 @@ class Model(TransformerLM):
         return weights, indices
 
     def run_layers(self, h, ctx, cos, sin):
+        fused = self.decode_all_layers(h, ctx, cos, sin)
+        if fused is not None:
+            return fused
         n, ahead = len(self.layers), None
         for i, layer in enumerate(self.layers):
             moe = self.args.is_moe(i)
@@ -172,6 +178,113 @@ class Model(TransformerLM):
             elif fused is None:
                 h = h + layer.mlp(y)
         return h
+
+    def decode_all_layers(self, h, ctx, cos, sin):
+        """One token (batch 1) with quantized weights on the CPU: every layer in one kernel call
+        (kernels.moe_step), the bits of the layer-by-layer loop below; the routing hooks are
+        called after it, in layer order, with each layer's routing. None where it does not apply
+        (a routing override, offloaded experts, float weights, more than one token)."""
+        step = getattr(ctx, "step_cache", None)
+        if (step is None or h.shape[0] != 1 or h.shape[1] != 1 or self.routing_override is not None
+                or not kernels.enabled or torch.is_grad_enabled()):
+            return None
+        plan = self._decode_plan()
+        if plan is None:
+            return None
+        caches = [step(i) for i in range(len(self.layers))]
+        if any(c is None for c in caches):
+            return None
+        _, _, tables, lengths = caches[0]
+        out = kernels.moe_step.run(plan, h.view(1, -1), cos, sin, [c[0] for c in caches], [c[1] for c in caches],
+                                   tables, lengths)
+        if out is None:
+            return None
+        h, indices, weights = out
+        for i in plan.moe_layers:
+            for hook in self.routing_hooks:
+                hook(i, indices[i:i + 1], weights[i:i + 1])
+        return h.view(1, 1, -1)
+
+    def _plan_inputs(self) -> list:
+        """What a decode plan is built from (compared by identity: a replaced weight rebuilds it)."""
+        refs = [self.routing_cfg, self.args.router_bias, self.args.pre_gate]
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            refs += [attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            refs += [getattr(p, name, None) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+                     for name in ("weight", "bias")]
+            if type(mlp) is MoeBlock:
+                bank = self.layers[self.args.owner(i)].mlp.experts
+                shared = mlp.shared_experts
+                refs += [mlp.gate.weight, self.selection_bias(i), bank, shared]
+                refs += [getattr(bank, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+                if shared is not None:
+                    refs += [getattr(p, name, None) for p in (shared.gate_proj, shared.up_proj, shared.down_proj)
+                             for name in ("weight", "bias")]
+            elif type(mlp) is MLP:
+                refs += [getattr(p, name, None) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                         for name in ("weight", "bias")]
+        return refs
+
+    def _decode_plan(self):
+        refs = self._plan_inputs()
+        built_from, plan = self._step_plan
+        if built_from is None or len(built_from) != len(refs) or any(a is not b for a, b in zip(built_from, refs)):
+            plan = self._build_decode_plan()
+            self._step_plan = (refs, plan)
+        return plan
+
+    def _build_decode_plan(self):
+        from ..kernels import moe_step
+        from ..kernels.decode_ops import layer_args
+
+        a, cfg = self.args, self.routing_cfg
+        if (cfg.topk_method not in ("noaux_tc", "greedy") or (cfg.n_group > 1 and cfg.topk_group < cfg.n_group)
+                or not 1 <= cfg.top_k <= min(moe_step.MAX_EXPERTS_PER_TOKEN, a.n_routed_experts or 0)):
+            return None
+        n, hidden = len(self.layers), a.hidden_size
+        step_layers, moe_layers = [], []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+            moe = a.is_moe(i)
+            if not moe:
+                if type(mlp) is not MLP:
+                    return None
+                projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            weights = [getattr(p, "weight", None) for p in projs]
+            if not all(isinstance(w, QuantTensor) for w in weights) or any(p.bias is not None for p in projs):
+                return None
+            att = layer_args(hidden, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
+                             layer.input_layernorm.eps, tuple(weights[:4]), None if moe else tuple(weights[4:]),
+                             attn.n_heads, attn.n_kv, attn.head_dim, attn.head_dim ** -0.5)
+            if att is None:
+                return None
+            route_next = bool(a.pre_gate and i + 1 < n and a.is_moe(i + 1))
+            if not moe:
+                step_layers.append(moe_step.dense_layer(att, route_next))
+                continue
+            bank = self.layers[a.owner(i)].mlp.experts
+            shared = mlp.shared_experts
+            if (type(mlp) is not MoeBlock or shared is None or type(shared) is not MLP or not bank.weights_stay_valid
+                    or type(bank).forward is not ExpertBank.forward
+                    or type(bank).expert_weights is not ExpertBank.expert_weights
+                    or any(p.bias is not None for p in (shared.gate_proj, shared.up_proj, shared.down_proj))):
+                return None
+            shared_w = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+            if not all(isinstance(w, QuantTensor) for w in (bank.gate_proj, bank.up_proj, bank.down_proj, *shared_w)):
+                return None
+            bias = self.selection_bias(i) if cfg.topk_method == "noaux_tc" else None
+            pre_gated = a.pre_gate and i > 0
+            sl = moe_step.moe_layer(att, mlp.gate.weight, bias, (bank.gate_proj, bank.up_proj, bank.down_proj),
+                                    shared_w, not pre_gated, route_next, hidden)
+            if sl is None:
+                return None
+            step_layers.append(sl)
+            moe_layers.append(i)
+        return moe_step.Plan(step_layers, moe_layers, a.n_routed_experts, cfg.top_k, cfg.scoring_func != "sigmoid",
+                             cfg.norm_topk_prob, float(cfg.routed_scaling_factor), a.num_key_value_heads, a.head_dim,
+                             tuple(self._plan_inputs()))
 
     def checkpoint_names(self):
         names = super().checkpoint_names()
