@@ -287,6 +287,19 @@ def test_c_dequantization_is_ggml_bit_for_bit(libs, qtype):
         assert torch.equal(kq.dequantize(lib, w), gguf_dequantize(w))
 
 
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_quantized_embedding_rows_are_ggml_dequantization(lib, monkeypatch, qtype):
+    from megrez.quant.modules import QuantEmbedding
+
+    w = random_weight(qtype, 40, 512, seed=12)
+    tokens = torch.tensor([[3, 39, 3], [0, 17, 8]])
+    ref = gguf_dequantize(w)[tokens]
+    emb = QuantEmbedding(w)
+    assert torch.equal(emb(tokens), ref)  # through the C dequantization
+    monkeypatch.setattr(kernels, "enabled", False)
+    assert torch.equal(emb(tokens), ref)  # through torch's
+
+
 def test_forced_variant_and_fallback_without_kernels():
     """MEGREZ_CPU_VARIANT picks the variant (the engine then uses it); MEGREZ_CPU_KERNELS=0
     leaves the reference path, which dequantizes (once said on stderr) and keeps float32

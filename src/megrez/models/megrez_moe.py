@@ -130,7 +130,8 @@ class Model(TransformerLM):
         # Optional f(layer, weights, indices) -> (weights, indices) replacing the router's choice
         # (to replay a recorded expert-selection trace); runs before the hooks.
         self.routing_override = None
-        self._step_plan = (None, None)  # (what it was built from, kernels.moe_step.Plan or None)
+        # (where its tensors are held, the settings it was built for, kernels.moe_step.Plan or None)
+        self._step_plan = (None, None, None)
 
     def set_router_bias(self, mode: str) -> None:
         if mode not in ROUTER_BIAS_CHOICES:
@@ -206,32 +207,55 @@ class Model(TransformerLM):
         return h.view(1, 1, -1)
 
     def _plan_inputs(self) -> list:
-        """What a decode plan is built from (compared by identity: a replaced weight rebuilds it)."""
-        refs = [self.routing_cfg, self.args.router_bias, self.args.pre_gate]
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            refs += [attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            refs += [getattr(p, name, None) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-                     for name in ("weight", "bias")]
+        """Where every module and tensor a decode plan points into is held: (dict, name, object)
+        triples, checked by identity each step (a replaced weight, module or bias rebuilds the
+        plan; dictionary lookups, not module attribute access, which costs more than a small
+        model's step)."""
+        slots = []
+
+        def hold(module, *names):
+            for n in names:
+                for d in (module.__dict__, module._parameters, module._buffers, module._modules):
+                    if n in d:
+                        slots.append((d, n, d[n]))
+                        break
+                else:
+                    slots.append((module.__dict__, n, None))
+            return [slots[i][2] for i in range(len(slots) - len(names), len(slots))]
+
+        (backbone,) = hold(self, "model")
+        (layers,) = hold(backbone, "layers")
+        for i in range(len(layers)):
+            layer, = hold(layers, str(i))
+            attn, mlp, n1, n2 = hold(layer, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+            hold(n1, "weight")
+            hold(n2, "weight")
+            for proj in hold(attn, "q_proj", "k_proj", "v_proj", "o_proj"):
+                hold(proj, "weight", "bias")
             if type(mlp) is MoeBlock:
-                bank = self.layers[self.args.owner(i)].mlp.experts
-                shared = mlp.shared_experts
-                refs += [mlp.gate.weight, self.selection_bias(i), bank, shared]
-                refs += [getattr(bank, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+                gate, shared = hold(mlp, "gate", "shared_experts")
+                hold(gate, "weight", "e_score_correction_bias")
+                owner, = hold(layers, str(self.args.owner(i)))
+                owner_mlp, = hold(owner, "mlp")
+                bank, = hold(owner_mlp, "experts")
+                hold(bank, "gate_proj", "up_proj", "down_proj")
+                if self.args.router_bias == "owner":
+                    hold(hold(owner_mlp, "gate")[0], "e_score_correction_bias")
                 if shared is not None:
-                    refs += [getattr(p, name, None) for p in (shared.gate_proj, shared.up_proj, shared.down_proj)
-                             for name in ("weight", "bias")]
+                    for proj in hold(shared, "gate_proj", "up_proj", "down_proj"):
+                        hold(proj, "weight", "bias")
             elif type(mlp) is MLP:
-                refs += [getattr(p, name, None) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-                         for name in ("weight", "bias")]
-        return refs
+                for proj in hold(mlp, "gate_proj", "up_proj", "down_proj"):
+                    hold(proj, "weight", "bias")
+        return slots
 
     def _decode_plan(self):
-        refs = self._plan_inputs()
-        built_from, plan = self._step_plan
-        if built_from is None or len(built_from) != len(refs) or any(a is not b for a, b in zip(built_from, refs)):
+        settings = (self.routing_cfg, self.args.router_bias, self.args.pre_gate, len(self.layers))
+        slots, built_for, plan = self._step_plan
+        if (slots is None or built_for != settings or any(d.get(n) is not o for d, n, o in slots)):
+            slots = self._plan_inputs()
             plan = self._build_decode_plan()
-            self._step_plan = (refs, plan)
+            self._step_plan = (slots, settings, plan)
         return plan
 
     def _build_decode_plan(self):
@@ -284,7 +308,7 @@ class Model(TransformerLM):
             moe_layers.append(i)
         return moe_step.Plan(step_layers, moe_layers, a.n_routed_experts, cfg.top_k, cfg.scoring_func != "sigmoid",
                              cfg.norm_topk_prob, float(cfg.routed_scaling_factor), a.num_key_value_heads, a.head_dim,
-                             tuple(self._plan_inputs()))
+                             tuple(o for _, _, o in self._plan_inputs()))
 
     def checkpoint_names(self):
         names = super().checkpoint_names()

@@ -57,7 +57,11 @@ class QuantEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
         rows = QuantTensor(self.weight.data[flat], self.weight.qtype, (flat.numel(), self.embedding_dim))
-        return dequantize(rows).view(*tokens.shape, self.embedding_dim)
+        # The C dequantization gives the same bits as the torch one, without its dozens of
+        # operator calls (a decoding step looks up one row).
+        lib = kernels.load() if kernels.enabled and rows.data.is_cpu and rows.qtype in kernels.quantized.KERNEL_TYPES else None
+        out = kernels.quantized.dequantize(lib, rows) if lib is not None else dequantize(rows)
+        return out.view(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight.qtype.name}"
