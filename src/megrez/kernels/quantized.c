@@ -69,6 +69,9 @@ typedef struct {
     const int32_t *c8; /* 32-wide formats: [k / 4], lane l of block b: -128 * (q[32b + 4l] + ... +
                         * q[32b + 4l + 3]) (VNNI's Q8_0 multiplies w + 128; filled by that build only);
                         * NULL for the K formats */
+    const int32_t *c0; /* 32-wide formats: [k / 4], lane 0 of block b: -(q[32b] + ... + q[32b + 31]), lanes 1-7:
+                        * 0 (the AVX-512 Q4_0/Q5_0 loops start from it: their offset correction);
+                        * filled by the AVX-512 builds only; NULL for the K formats */
 } act;
 
 static inline float fp16_to_f32(const uint8_t *p) {
@@ -485,6 +488,34 @@ INLINE void q4_0_family_rows(const uint8_t *w, const act *x, int mc, int64_t nb,
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < mc; ++m) acc[m] = _mm512_setzero_ps();
     int64_t i = 0;
+    /* 16 blocks at a time: their scales gathered and converted at once, and each lane's
+     * integer dot started from the offset correction (c0 * off: the same integers as
+     * subtracting it after). The pairs of blocks below, in the same lanes, the same bits. */
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)bb));
+    for (; i + 16 <= nb; i += 16) {
+        const uint8_t *g = w + bb * i;
+        for (int t = 0; t < 16 * bb; t += 64) _mm_prefetch((const char *)(g + PREFETCH_AHEAD + t), _MM_HINT_T0);
+        __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, (const void *)g, 1)));
+        __m512 sc[MAX_ROWS];
+        for (int m = 0; m < mc; ++m) sc[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d + i)); /* d_w * d_x, as scalar */
+        __m512i pick = join256(_mm256_setzero_si256(), _mm256_set1_epi32(1));
+        for (int j = 0; j < 16; j += 2, pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2))) {
+            const uint8_t *b0 = g + bb * j, *b1 = b0 + bb;
+            __m512i q = five ? join256(q5_0_unpack(b0), q5_0_unpack(b1)) : join256(q4_0_unpack(b0 + 2), q4_0_unpack(b1 + 2));
+            for (int m = 0; m < mc; ++m) {
+                __m512i c0 = _mm512_loadu_si512((const void *)(x[m].c0 + 8 * (i + j)));
+                __m512i c = five ? _mm512_slli_epi32(c0, 4) : _mm512_slli_epi32(c0, 3); /* * off */
+                __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + 32 * (i + j)));
+#if defined(MZ_VNNI512)
+                __m512i t = _mm512_dpbusd_epi32(c, q, xq);
+#else
+                __m512i t = _mm512_add_epi32(dot_u8s8_512(q, xq), c);
+#endif
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(pick, sc[m]), acc[m]);
+            }
+        }
+    }
     for (; i + 1 < nb; i += 2) {
         const uint8_t *b0 = w + bb * i, *b1 = b0 + bb;
         __m512i q = five ? join256(q5_0_unpack(b0), q5_0_unpack(b1)) : join256(q4_0_unpack(b0 + 2), q4_0_unpack(b1 + 2));
@@ -828,14 +859,15 @@ typedef struct {
     int64_t m, k;
     int bs;
     uint8_t *base;
-    int64_t stride, q_bytes, d_bytes, s_bytes, d8_bytes; /* c8 takes d8_bytes too, after d8 */
+    int64_t stride, q_bytes, d_bytes, s_bytes, d8_bytes; /* c8 and c0 take d8_bytes each too, after d8 */
 } act_slot;
 
 static inline act act_row(const act_slot *s, int64_t r) {
     const uint8_t *p = s->base + r * s->stride;
     const uint8_t *d8 = p + s->q_bytes + s->d_bytes + s->s_bytes;
     act a = {(const int8_t *)p, (const float *)(p + s->q_bytes), (const int16_t *)(p + s->q_bytes + s->d_bytes),
-             s->d8_bytes ? (const float *)d8 : NULL, s->d8_bytes ? (const int32_t *)(d8 + s->d8_bytes) : NULL};
+             s->d8_bytes ? (const float *)d8 : NULL, s->d8_bytes ? (const int32_t *)(d8 + s->d8_bytes) : NULL,
+             s->d8_bytes ? (const int32_t *)(d8 + 2 * s->d8_bytes) : NULL};
     return a;
 }
 
@@ -856,7 +888,7 @@ static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, i
             s->d_bytes = ALIGN64(4 * (s->k / bs));
             s->s_bytes = ALIGN64(2 * (s->k / 16));
             s->d8_bytes = bs == 32 ? ALIGN64(4 * (s->k / 4)) : 0;
-            s->stride = s->q_bytes + s->d_bytes + s->s_bytes + 2 * s->d8_bytes;
+            s->stride = s->q_bytes + s->d_bytes + s->s_bytes + 3 * s->d8_bytes;
             s->base = (uint8_t *)(intptr_t)*bytes; /* offset until the buffer exists */
             *bytes += s->stride * s->m;
         }
@@ -929,6 +961,14 @@ static void quantize_item(const stage *st, int64_t r) {
         int32_t *c8 = (int32_t *)((uint8_t *)d8 + s->d8_bytes);
         const int8_t *q = (const int8_t *)base;
         for (int64_t l = 0; l < s->k / 4; ++l) c8[l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+#endif
+#if defined(MZ_AVX512) /* only its Q4_0/Q5_0 loops read them */
+        int32_t *c0 = (int32_t *)((uint8_t *)d8 + 2 * s->d8_bytes);
+        const int16_t *sums = (const int16_t *)(base + s->q_bytes + s->d_bytes);
+        for (int64_t b = 0; b < s->k / 32; ++b) {
+            c0[8 * b] = -(sums[2 * b] + sums[2 * b + 1]);
+            for (int l = 1; l < 8; ++l) c0[8 * b + l] = 0;
+        }
 #endif
     }
 }
@@ -1030,7 +1070,7 @@ int megrez_q_reference(const mz_product *p) {
     if (!q || !d || !s) return free(q), free(d), free(s), -2;
     for (int64_t m = 0; m < p->m; ++m) {
         quantize_row(p->x + m * p->k, p->k, bs, q, d, s);
-        act a = {q, d, s, NULL, NULL};
+        act a = {q, d, s, NULL, NULL, NULL};
         for (int64_t n = 0; n < p->n; ++n) {
             float v = dot_ref(p->qtype, p->w1 + n * rb, &a, p->k);
             p->y[m * p->n + n] = p->swiglu ? silu(v) * dot_ref(p->qtype, p->w2 + n * rb, &a, p->k) : v;
