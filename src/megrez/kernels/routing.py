@@ -12,6 +12,8 @@ from .. import kernels as _kernels
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
 MAX_EXPERTS = 1024  # routing.c's bound
+# Tensors whose data_ptr is their data (not, e.g., a sharded DTensor's local piece).
+_PLAIN = (torch.Tensor, torch.nn.Parameter, type(None))
 
 
 class Route(ctypes.Structure):
@@ -28,8 +30,10 @@ def declare(lib) -> None:
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, softmax: bool,
           normalize: bool, scale: float):
     """x [N, H] -> (weights [N, k] float32, indices [N, k] int64, best choice first), or None
-    where the kernel does not apply (autograd on, not the CPU, a weight not float32)."""
-    if (torch.is_grad_enabled() or not _kernels.enabled or not (x.is_cpu and weight.is_cpu)
+    where the kernel does not apply (autograd on, not the CPU, a weight not float32 or not a plain
+    tensor)."""
+    if (torch.is_grad_enabled() or not _kernels.enabled or not all(type(t) in _PLAIN for t in (x, weight, bias))
+            or not (x.is_cpu and weight.is_cpu)
             or weight.dtype is not torch.float32 or (bias is not None and bias.dtype is not torch.float32)
             or weight.dim() != 2 or not 1 <= top_k <= weight.shape[0] <= MAX_EXPERTS
             or (lib := _kernels.load()) is None):
