@@ -30,7 +30,8 @@ POOL = HERE / "pool.c"
 DECODE_OPS = HERE / "decode_ops.c"
 ROUTING = HERE / "routing.c"
 MOE_STEP = HERE / "moe_step.c"
-HEADERS = [HERE / "pool.h", HERE / "products.h", HERE / "decode_ops.h", HERE / "routing.h"]  # part of the cache key: the sources include them
+HEADERS = [HERE / "pool.h", HERE / "products.h", HERE / "decode_ops.h", HERE / "routing.h",
+           HERE / "lanes.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 # megrez_cpu_features() bits

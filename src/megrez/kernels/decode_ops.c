@@ -20,6 +20,7 @@
 
 #include "pool.h"
 #include "decode_ops.h"
+#include "lanes.h"
 #include "products.h"
 
 typedef struct {
@@ -33,19 +34,6 @@ typedef struct {
     float scale;
     float *out;             /* [rows, n_heads, head_dim] */
 } mz_decode_attention;
-
-#define LANES 16
-
-static float dot(const float *a, const float *b, int64_t n) {
-    float l[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES)
-        for (int t = 0; t < LANES; ++t) l[t] += a[d + t] * b[d + t];
-    for (; d < n; ++d) l[0] += a[d] * b[d];
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int t = 0; t < w; ++t) l[t] += l[t + w];
-    return l[0];
-}
 
 static void rotate(const float *x, const float *c, const float *s, int64_t hd, float *out) {
     int64_t h = hd / 2;

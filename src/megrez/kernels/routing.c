@@ -15,23 +15,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lanes.h"
 #include "pool.h"
 #include "routing.h"
 
-
-#define LANES 16
 #define MAX_EXPERTS 1024
-
-static float dot(const float *a, const float *b, int64_t n) {
-    float l[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES)
-        for (int t = 0; t < LANES; ++t) l[t] += a[d + t] * b[d + t];
-    for (; d < n; ++d) l[0] += a[d] * b[d];
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int t = 0; t < w; ++t) l[t] += l[t + w];
-    return l[0];
-}
 
 static void route_row(void *ctx, int phase, int64_t r) {
     (void)phase;
@@ -73,7 +61,8 @@ static void route_row(void *ctx, int phase, int64_t r) {
 }
 
 int megrez_route(const mz_route *a) {
-    if (a->x == NULL || a->w == NULL || a->weights == NULL || a->indices == NULL || a->rows < 0 || a->hidden < 1 || a->experts < 1 || a->experts > MAX_EXPERTS || a->top_k < 1 ||
+    if (a->x == NULL || a->w == NULL || a->weights == NULL || a->indices == NULL || a->rows < 0 || a->hidden < 1 ||
+        a->experts < 1 || a->experts > MAX_EXPERTS || a->top_k < 1 ||
         a->top_k > a->experts)
         return -1;
     mz_job job = {1, {a->rows}, {1}, route_row, (void *)a};

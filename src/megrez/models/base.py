@@ -241,24 +241,32 @@ class DecoderLayer(nn.Module):
         step = getattr(ctx, "step_cache", None)
         if step is None or h.shape[1] != 1 or (cache := step(self.self_attn.layer_idx)) is None:
             return None
-        attn, mlp = self.self_attn, self.mlp if with_mlp else None
+        if (weights := self.quantized_weights(with_mlp)) is None:
+            return None
+        b = h.shape[0]
+        hd = cache[0].shape[-1]
+        out = kernels.decode_ops.decode_layer(
+            h.view(b, -1), (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+            self.input_layernorm.eps, *weights, cos.reshape(b, hd), sin.reshape(b, hd), *cache,
+            self.self_attn.n_heads, hd ** -0.5)
+        if out is None:
+            return None
+        return out[0].view(b, 1, -1), out[1].view(b, 1, -1)
+
+    def quantized_weights(self, with_mlp: bool):
+        """((q, k, v, o), (gate, up, down) or None): this layer's QuantTensors for the decode
+        kernels, or None where one is not quantized, a projection has a bias, or (``with_mlp``)
+        the MLP is not a plain SwiGLU MLP."""
+        attn, mlp = self.self_attn, self.mlp
         projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-        if mlp is not None:
+        if with_mlp:
             if type(mlp) is not MLP:
                 return None
             projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         weights = [getattr(p, "weight", None) for p in projs]
         if not all(isinstance(w, QuantTensor) for w in weights) or any(p.bias is not None for p in projs):
             return None
-        b = h.shape[0]
-        hd = cache[0].shape[-1]
-        out = kernels.decode_ops.decode_layer(
-            h.view(b, -1), (self.input_layernorm.weight, self.post_attention_layernorm.weight),
-            self.input_layernorm.eps, tuple(weights[:4]), tuple(weights[4:]) if mlp is not None else None,
-            cos.reshape(b, hd), sin.reshape(b, hd), *cache, attn.n_heads, hd ** -0.5)
-        if out is None:
-            return None
-        return out[0].view(b, 1, -1), out[1].view(b, 1, -1)
+        return tuple(weights[:4]), tuple(weights[4:]) if with_mlp else None
 
 
 class Backbone(nn.Module):

@@ -254,14 +254,14 @@ class Model(TransformerLM):
         slots, built_for, plan = self._step_plan
         if (slots is None or built_for != settings or any(d.get(n) is not o for d, n, o in slots)):
             slots = self._plan_inputs()
-            plan = self._build_decode_plan()
+            plan = self._build_decode_plan(tuple(o for _, _, o in slots))
             self._step_plan = (slots, settings, plan)
         return plan
 
-    def _build_decode_plan(self):
-        from ..kernels import moe_step
-        from ..kernels.decode_ops import layer_args
-
+    def _build_decode_plan(self, keep: tuple):
+        """The layers described for kernels.moe_step (holding ``keep``, the tensors it points
+        into), or None where the one-call step does not apply."""
+        moe_step = kernels.moe_step
         a, cfg = self.args, self.routing_cfg
         if (cfg.topk_method not in ("noaux_tc", "greedy") or (cfg.n_group > 1 and cfg.topk_group < cfg.n_group)
                 or not 1 <= cfg.top_k <= min(moe_step.MAX_EXPERTS_PER_TOKEN, a.n_routed_experts or 0)):
@@ -270,18 +270,12 @@ class Model(TransformerLM):
         step_layers, moe_layers = [], []
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
             moe = a.is_moe(i)
-            if not moe:
-                if type(mlp) is not MLP:
-                    return None
-                projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            weights = [getattr(p, "weight", None) for p in projs]
-            if not all(isinstance(w, QuantTensor) for w in weights) or any(p.bias is not None for p in projs):
+            if (weights := layer.quantized_weights(with_mlp=not moe)) is None:
                 return None
-            att = layer_args(hidden, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
-                             layer.input_layernorm.eps, tuple(weights[:4]), None if moe else tuple(weights[4:]),
-                             attn.n_heads, attn.n_kv, attn.head_dim, attn.head_dim ** -0.5)
+            att = kernels.decode_ops.layer_args(
+                hidden, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight), layer.input_layernorm.eps,
+                *weights, attn.n_heads, attn.n_kv, attn.head_dim, attn.head_dim ** -0.5)
             if att is None:
                 return None
             route_next = bool(a.pre_gate and i + 1 < n and a.is_moe(i + 1))
@@ -308,7 +302,7 @@ class Model(TransformerLM):
             moe_layers.append(i)
         return moe_step.Plan(step_layers, moe_layers, a.n_routed_experts, cfg.top_k, cfg.scoring_func != "sigmoid",
                              cfg.norm_topk_prob, float(cfg.routed_scaling_factor), a.num_key_value_heads, a.head_dim,
-                             tuple(o for _, _, o in self._plan_inputs()))
+                             keep)
 
     def checkpoint_names(self):
         names = super().checkpoint_names()
