@@ -2,6 +2,9 @@
 its held-out accuracy and sample answers.
 
     python -m scripts.export_omni_asset runs-out/omni-adapter src/megrez/assets/megrez2-tiny-omni
+
+A run whose held-out accuracy is below MIN_ACCURACY is refused (the package would otherwise
+ship a model that `megrez chat --image` uses by default and that answers wrongly).
 """
 from __future__ import annotations
 
@@ -35,9 +38,16 @@ Questions it was trained on: "What shape is in the picture?", "What colour is th
 """
 
 
+MIN_ACCURACY = 0.9
+
+
 def main(run: str, dest: str) -> int:
     run, dest = Path(run), Path(dest)
     summary = json.loads((run / "summary.json").read_text())
+    if summary["accuracy"] < MIN_ACCURACY:
+        print(f"{run / 'summary.json'}: held-out accuracy {summary['accuracy']:.1%} is below "
+              f"{MIN_ACCURACY:.0%}; {dest} not written", file=sys.stderr)
+        return 1
     cfg = summary["config"]
     if dest.exists():
         shutil.rmtree(dest)
