@@ -43,6 +43,10 @@ MIN_ACCURACY = 0.9
 
 def main(run: str, dest: str) -> int:
     run, dest = Path(run), Path(dest)
+    if not (run / "summary.json").is_file():
+        print(f"{run / 'summary.json'}: no such file (the output directory of `megrez train image-adapter`)",
+              file=sys.stderr)
+        return 1
     summary = json.loads((run / "summary.json").read_text())
     if summary["accuracy"] < MIN_ACCURACY:
         print(f"{run / 'summary.json'}: held-out accuracy {summary['accuracy']:.1%} is below "
@@ -72,4 +76,6 @@ def main(run: str, dest: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m scripts.export_omni_asset RUN_DIR DEST_DIR")
     sys.exit(main(*sys.argv[1:]))
