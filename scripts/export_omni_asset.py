@@ -15,7 +15,7 @@ from pathlib import Path
 
 README = """# megrez2-tiny-omni
 
-The bundled Megrez2 chat model (`megrez2-tiny-chat`, frozen, unchanged) hosted by MegrezO
+The bundled Megrez2 chat model (`megrez2-tiny-chat`, {host}) hosted by MegrezO
 (`llm_architecture: MegrezMoeForCausalLM`) with a small image adapter, so that `megrez chat
 --image PICTURE` works out of the box. It is a demonstration that the multimodal pipeline
 learns, not a useful vision model: it knows pictures of one coloured shape (circle, square,
@@ -24,8 +24,8 @@ triangle) or one coloured digit (0-9) on a light background, in red, green, blue
 - image adapter: navit SigLIP {layers} layers x {hidden} wide (patch 14, crops of ~{size}x{size} pixels),
   resampler to {query} tokens per picture, and the embeddings of the image delimiter tokens;
   {vision_params} parameters. No audio tower (`audio_config: null`).
-- training: {steps} steps of {batch} synthetic pictures with a question each (`megrez train image-adapter`,
-  recipe `runs/shipped_omni.sh`), {seconds:.0f} s on one CPU core; final loss {loss:.3f}.
+- training (`megrez train image-adapter`, recipe `runs/shipped_omni.sh`, {seconds:.0f} s on one CPU core):
+  {stage1}{steps} steps of {batch} synthetic pictures with a question each; final loss {loss:.3f}.
 - held-out accuracy (greedy, exact answer, {n} questions on fresh pictures, through the engine):
   **{acc:.1%}** overall; {per}.
 
@@ -70,7 +70,12 @@ def main(run: str, dest: str) -> int:
         layers=cfg["vision"]["num_hidden_layers"], hidden=cfg["vision"]["hidden_size"], size=cfg["image_size"],
         query=cfg["query_num"], vision_params=f"{vision / 1e6:.2f}M", steps=summary["steps"],
         batch=cfg["batch_size"], seconds=summary["train_seconds"], loss=summary["final_loss"],
-        n=summary["questions"], acc=summary["accuracy"], per=per, examples=examples))
+        n=summary["questions"], acc=summary["accuracy"], per=per, examples=examples,
+        host=(f"fine-tuned with the adapter at lr {cfg['host_lr']:g}, so its text answers differ from the chat "
+              "model's" if cfg.get("host_lr") else "frozen, unchanged"),
+        stage1=(f"{cfg['vision_steps']} steps of {cfg['vision_batch_size']} pictures teaching the vision module to "
+                f"classify colour and content (training accuracy colour {summary['vision_accuracy_colour']:.0%}, "
+                f"content {summary['vision_accuracy_content']:.0%}), then " if cfg.get("vision_steps") else "")))
     print(f"wrote {dest} (held-out accuracy {summary['accuracy']:.1%})")
     return 0
 

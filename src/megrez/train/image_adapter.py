@@ -1,7 +1,14 @@
-"""Teach a text model to see: train an image adapter (a small navit SigLIP tower, the
-resampler, and the embeddings of the new image delimiter tokens) on synthetic pictures,
-with the text model frozen, and export a MegrezO checkpoint that ``megrez chat --image``
-loads like any other.
+"""Teach a text model to see, on synthetic pictures, and export a MegrezO checkpoint that
+``megrez chat --image`` loads like any other. Two stages, as multimodal models are built
+from a pre-trained image encoder:
+
+1. the vision module (a small navit SigLIP tower and the resampler) learns to see: linear
+   heads on its pooled output classify each picture's colour and content;
+2. the adapter (the vision module and the embeddings of the new image delimiter tokens) and,
+   with ``host_lr > 0``, the text model itself learn to answer questions about pictures.
+
+A text model this small cannot be steered by its input vectors alone: with it frozen, the
+answer loss stalls above 5 nats per token (docs/omni.md), so the recipe fine-tunes it too.
 
     megrez train image-adapter --base src/megrez/assets/megrez2-tiny-chat --out runs-out/omni
 
@@ -39,7 +46,11 @@ class AdapterConfig:
     out: str = "runs-out/omni-adapter"
     steps: int = 400
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 2e-3                   # stage 2: the adapter
+    host_lr: float = 0.0               # stage 2: the text model (0: frozen)
+    vision_steps: int = 0              # stage 1 (0: none)
+    vision_batch_size: int = 32
+    vision_lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
     image_size: int = 112              # synthetic pictures are image_size x image_size
@@ -216,6 +227,46 @@ def evaluate(path: Path, cfg: AdapterConfig, n: int, seed: int) -> dict:
             "examples": [(a, o.text) for a, o in list(zip(answers, outs))[:6]]}
 
 
+def picture_labels():
+    """Stage 1's classes: the colour, and what the picture shows (a shape or a digit)."""
+    from .synthetic_images import COLOURS, DIGITS, SHAPES
+
+    return list(COLOURS), list(SHAPES) + list(DIGITS)
+
+
+def pretrain_vision(vision: nn.Module, hidden: int, cfg: AdapterConfig, rng: random.Random) -> dict:
+    """Stage 1: the vision module's mean output vector (``hidden`` wide, the text model's
+    width), through two linear heads, classifies each picture's colour and content. Returns the last 20 steps' training accuracies."""
+    colours, contents = picture_labels()
+    heads = nn.ModuleDict({"colour": nn.Linear(hidden, len(colours)), "content": nn.Linear(hidden, len(contents))})
+    params = nn.ModuleList([vision, heads])
+    opt = build_optimizer(params, cfg.vision_lr, cfg.weight_decay)
+    from tqdm import tqdm
+
+    right = {"colour": [], "content": []}
+    bar = tqdm(range(cfg.vision_steps), desc="vision (stage 1)", unit="step", mininterval=1.0)
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.vision_lr, cfg.vision_steps, cfg.warmup_steps, 0.1))
+        pics = [make_picture(rng, cfg.image_size) for _ in range(cfg.vision_batch_size)]
+        crops = [slice_image(p.image, cfg.image_size, 1, cfg.vision["patch_size"]).crops[0] for p in pics]
+        pooled = vision(crops).mean(1)
+        want = {"colour": torch.tensor([colours.index(p.colour) for p in pics]),
+                "content": torch.tensor([contents.index(p.what) for p in pics])}
+        logits = {k: h(pooled) for k, h in heads.items()}
+        loss = sum(F.cross_entropy(logits[k], want[k]) for k in heads)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for k in heads:
+            right[k].append(float((logits[k].argmax(1) == want[k]).float().mean()))
+        if (step + 1) % cfg.log_every == 0:
+            recent = {k: sum(v[-20:]) / len(v[-20:]) for k, v in right.items()}
+            bar.write(f"vision step {step + 1}: loss {float(loss.detach()):.4f}, training accuracy colour "
+                      f"{recent['colour']:.1%}, content {recent['content']:.1%}")
+    return {f"vision_accuracy_{k}": round(sum(v[-20:]) / max(1, len(v[-20:])), 4) for k, v in right.items()}
+
+
 def train_adapter(cfg: AdapterConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -228,26 +279,42 @@ def train_adapter(cfg: AdapterConfig) -> dict:
         (tok_dir / name).write_text(content, encoding="utf-8")
     tok = Tokenizer(tok_dir)
     builder = PromptBuilder(tok, cfg.query_num)
-    opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    log, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
+    stage1 = pretrain_vision(adapter.vision, model.hf_config["hidden_size"], cfg, rng) if cfg.vision_steps else {}
+    opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
+    groups = [(opt.param_groups, cfg.lr)]
+    trained = list(adapter.parameters())
+    if cfg.host_lr > 0:
+        model.llm.requires_grad_(True)
+        host = build_optimizer(model.llm, cfg.host_lr, cfg.weight_decay)
+        groups.append((host.param_groups, cfg.host_lr))
+        trained += list(model.llm.parameters())
+    log = []
     from tqdm import tqdm
 
     bar = tqdm(range(cfg.steps), desc="image adapter", unit="step", mininterval=1.0)
     for step in bar:
-        set_lr(opt, lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, 0.1))
+        for param_groups, base in groups:
+            for g in param_groups:
+                g["lr"] = lr_at(step, base, cfg.steps, cfg.warmup_steps, 0.1)
         batch = [example(rng, cfg, builder, tok) for _ in range(cfg.batch_size)]
         # The tokens before the image (system prompt, user turn opening) are the same in every
-        # example and do not depend on what is trained except the delimiter rows, which they
-        # do not contain: their keys/values are computed once per step, without gradients.
+        # example and, with the text model frozen, do not depend on what is trained except the
+        # delimiter rows, which they do not contain: their keys/values are computed once per
+        # step, without gradients. A trained text model needs their gradients: no reuse.
         head = batch[0][0].token_ids[: batch[0][0].runs[0][0] - 1]
         same = all(p.token_ids[: len(head)] == head for p, _, _ in batch) and old_vocab > max(head)
-        prefix = shared_prefix(model, adapter, old_vocab, head) if same and head else None
+        reuse = same and head and cfg.host_lr == 0
+        prefix = shared_prefix(model, adapter, old_vocab, head) if reuse else None
         loss = forward_loss(model, adapter, old_vocab, batch, prefix)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.host_lr > 0:
+            host.step()
+            host.zero_grad(set_to_none=True)
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.3f}")
         if (step + 1) % cfg.log_every == 0:
@@ -261,7 +328,7 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     # Held-out pictures: a different seed than any training picture's.
     result = evaluate(final, cfg, cfg.eval_pictures, seed=10_000 + cfg.seed)
     summary = {"final": str(final), "steps": cfg.steps, "train_seconds": round(train_seconds, 1),
-               "final_loss": sum(log[-cfg.log_every:]) / min(len(log), cfg.log_every), **result,
+               "final_loss": sum(log[-cfg.log_every:]) / min(len(log), cfg.log_every), **stage1, **result,
                "losses": [round(x, 4) for x in log], "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
