@@ -142,6 +142,8 @@ RULES = [
 # Long training runs, evaluations and load tests take minutes to hours on 2 cores at full size.
 SHRINK = [
     (r"--steps \d+", "--steps 2"),
+    (r"--vision-steps \d+", "--vision-steps 2"),
+    (r"--vision-batch-size \d+", "--vision-batch-size 4"),
     (r"--epochs \d+", "--epochs 1"),
     (r"--samples \d+", "--samples 2"),
     (r"--pass-k [\d ]+", "--pass-k 1 2 "),
