@@ -34,8 +34,8 @@ from ..multimodal.image import slice_image
 from ..multimodal.prompt import Media, PromptBuilder, load_messages
 from ..tiny import OMNI_SPECIAL_TOKENS
 from ..tokenizer import Tokenizer
-from .optim import build_optimizer, lr_at, set_lr
-from .synthetic_images import make_picture
+from .optim import build_optimizer, lr_at, param_groups, set_lr
+from .synthetic_images import COLOURS, DIGITS, SHAPES, make_picture
 
 IMAGE_TOKENS = OMNI_SPECIAL_TOKENS[:5]  # <|unk|>, <image>, </image>, <slice>, </slice>
 
@@ -124,12 +124,17 @@ def build(cfg: AdapterConfig):
     return model, adapter, files, old_vocab
 
 
+def picture_slices(pic, cfg: AdapterConfig):
+    """A synthetic picture as the image pipeline slices it: one crop, no further slices."""
+    return slice_image(pic.image, cfg.image_size, 1, cfg.vision["patch_size"])
+
+
 def example(rng: random.Random, cfg: AdapterConfig, builder: PromptBuilder, tok: Tokenizer):
     pic = make_picture(rng, cfg.image_size)
     question, answer = rng.choice(pic.questions())
     msgs, _ = load_messages([{"role": "user", "content": [{"type": "image", "image": pic.image},
                                                           {"type": "text", "text": question}]}])
-    media = [Media("image", "picture", image=slice_image(pic.image, cfg.image_size, 1, cfg.vision["patch_size"]))]
+    media = [Media("image", "picture", image=picture_slices(pic, cfg))]
     prompt = builder.build(msgs, media)
     target = tok.encode(answer, add_special_tokens=False) + [tok.token_to_id("<|turn_end|>")]
     return prompt, target, media[0].image.crops[0]
@@ -227,17 +232,11 @@ def evaluate(path: Path, cfg: AdapterConfig, n: int, seed: int) -> dict:
             "examples": [(a, o.text) for a, o in list(zip(answers, outs))[:6]]}
 
 
-def picture_labels():
-    """Stage 1's classes: the colour, and what the picture shows (a shape or a digit)."""
-    from .synthetic_images import COLOURS, DIGITS, SHAPES
-
-    return list(COLOURS), list(SHAPES) + list(DIGITS)
-
-
 def pretrain_vision(vision: nn.Module, hidden: int, cfg: AdapterConfig, rng: random.Random) -> dict:
     """Stage 1: the vision module's mean output vector (``hidden`` wide, the text model's
-    width), through two linear heads, classifies each picture's colour and content. Returns the last 20 steps' training accuracies."""
-    colours, contents = picture_labels()
+    width), through two linear heads, classifies each picture's colour and content (a shape or
+    a digit). Returns the last 20 steps' training accuracies."""
+    colours, contents = list(COLOURS), list(SHAPES) + list(DIGITS)
     heads = nn.ModuleDict({"colour": nn.Linear(hidden, len(colours)), "content": nn.Linear(hidden, len(contents))})
     params = nn.ModuleList([vision, heads])
     opt = build_optimizer(params, cfg.vision_lr, cfg.weight_decay)
@@ -248,8 +247,7 @@ def pretrain_vision(vision: nn.Module, hidden: int, cfg: AdapterConfig, rng: ran
     for step in bar:
         set_lr(opt, lr_at(step, cfg.vision_lr, cfg.vision_steps, cfg.warmup_steps, 0.1))
         pics = [make_picture(rng, cfg.image_size) for _ in range(cfg.vision_batch_size)]
-        crops = [slice_image(p.image, cfg.image_size, 1, cfg.vision["patch_size"]).crops[0] for p in pics]
-        pooled = vision(crops).mean(1)
+        pooled = vision([picture_slices(p, cfg).crops[0] for p in pics]).mean(1)
         want = {"colour": torch.tensor([colours.index(p.colour) for p in pics]),
                 "content": torch.tensor([contents.index(p.what) for p in pics])}
         logits = {k: h(pooled) for k, h in heads.items()}
@@ -283,21 +281,20 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     t0 = time.perf_counter()
     stage1 = pretrain_vision(adapter.vision, model.hf_config["hidden_size"], cfg, rng) if cfg.vision_steps else {}
     opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
-    groups = [(opt.param_groups, cfg.lr)]
-    trained = list(adapter.parameters())
+    for g in opt.param_groups:
+        g["base_lr"] = cfg.lr
     if cfg.host_lr > 0:
         model.llm.requires_grad_(True)
-        host = build_optimizer(model.llm, cfg.host_lr, cfg.weight_decay)
-        groups.append((host.param_groups, cfg.host_lr))
-        trained += list(model.llm.parameters())
+        for g in param_groups(model.llm, cfg.weight_decay):
+            opt.add_param_group({**g, "lr": cfg.host_lr, "base_lr": cfg.host_lr})
+    trained = [p for g in opt.param_groups for p in g["params"]]
     log = []
     from tqdm import tqdm
 
     bar = tqdm(range(cfg.steps), desc="image adapter", unit="step", mininterval=1.0)
     for step in bar:
-        for param_groups, base in groups:
-            for g in param_groups:
-                g["lr"] = lr_at(step, base, cfg.steps, cfg.warmup_steps, 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, g["base_lr"], cfg.steps, cfg.warmup_steps, 0.1)
         batch = [example(rng, cfg, builder, tok) for _ in range(cfg.batch_size)]
         # The tokens before the image (system prompt, user turn opening) are the same in every
         # example and, with the text model frozen, do not depend on what is trained except the
@@ -312,9 +309,6 @@ def train_adapter(cfg: AdapterConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cfg.host_lr > 0:
-            host.step()
-            host.zero_grad(set_to_none=True)
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.3f}")
         if (step + 1) % cfg.log_every == 0:
