@@ -148,6 +148,25 @@ def test_image_adapter_with_host_training_updates_the_text_model(tiny_moe, tmp_p
     assert (ours[..., : theirs.shape[-1]] - theirs).abs().max().item() > 1e-3
 
 
+def test_tune_vision_lr_zero_keeps_the_vision_module_as_stage_1_left_it(tiny_moe, tmp_path):
+    """--tune-vision-lr 0 freezes the vision module in stage 2 (what stage 1 learned is kept);
+    by default stage 2 trains it too."""
+    import torch
+
+    from megrez.train.image_adapter import AdapterConfig, build, train_adapter
+
+    def vision_after(tune):
+        cfg = AdapterConfig(base=str(tiny_moe), out=str(tmp_path / f"adapter-{tune}"), steps=2, batch_size=2,
+                            lr=1e-2, tune_vision_lr=tune, host_lr=1e-3, warmup_steps=1, eval_pictures=1,
+                            threads=1, export_dtype="float32", vision=TINY_VISION)
+        start = {k: v.clone() for k, v in build(cfg)[0].vision.state_dict().items()}
+        trained = load_model(train_adapter(cfg)["final"], device="cpu").vision.state_dict()
+        return max((trained[k] - v).abs().max().item() for k, v in start.items())
+
+    assert vision_after(0.0) == 0.0
+    assert vision_after(None) > 1e-4
+
+
 def test_the_language_model_runs_quantized_and_the_encoders_stay_float(tiny_omni):
     from megrez import LLM, SamplingParams
     from megrez.quant.formats import QuantTensor

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class AdapterConfig:
     batch_size: int = 16
     lr: float = 2e-3                   # stage 2: the adapter
     host_lr: float = 0.0               # stage 2: the text model (0: frozen)
+    tune_vision_lr: float | None = None  # stage 2: the vision module (None: --lr; 0: frozen)
     vision_steps: int = 0              # stage 1 (0: none)
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
@@ -235,14 +237,15 @@ def evaluate(path: Path, cfg: AdapterConfig, n: int, seed: int) -> dict:
 def pretrain_vision(vision: nn.Module, hidden: int, cfg: AdapterConfig, rng: random.Random) -> dict:
     """Stage 1: the vision module's mean output vector (``hidden`` wide, the text model's
     width), through two linear heads, classifies each picture's colour and content (a shape or
-    a digit). Returns the last 20 steps' training accuracies."""
+    a digit). Returns the training accuracies over the last 20 steps (content also split into
+    shapes and digits)."""
     colours, contents = list(COLOURS), list(SHAPES) + list(DIGITS)
     heads = nn.ModuleDict({"colour": nn.Linear(hidden, len(colours)), "content": nn.Linear(hidden, len(contents))})
     params = nn.ModuleList([vision, heads])
     opt = build_optimizer(params, cfg.vision_lr, cfg.weight_decay)
     from tqdm import tqdm
 
-    right = {"colour": [], "content": []}
+    steps = deque(maxlen=20)  # per step: each head's right/wrong per picture, and content by kind
     bar = tqdm(range(cfg.vision_steps), desc="vision (stage 1)", unit="step", mininterval=1.0)
     for step in bar:
         set_lr(opt, lr_at(step, cfg.vision_lr, cfg.vision_steps, cfg.warmup_steps, 0.1))
@@ -256,13 +259,20 @@ def pretrain_vision(vision: nn.Module, hidden: int, cfg: AdapterConfig, rng: ran
         torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for k in heads:
-            right[k].append(float((logits[k].argmax(1) == want[k]).float().mean()))
+        hit = {k: (logits[k].argmax(1) == want[k]).tolist() for k in heads}
+        steps.append({**hit, "shape": [h for p, h in zip(pics, hit["content"]) if p.kind == "shape"],
+                      "digit": [h for p, h in zip(pics, hit["content"]) if p.kind == "digit"]})
         if (step + 1) % cfg.log_every == 0:
-            recent = {k: sum(v[-20:]) / len(v[-20:]) for k, v in right.items()}
+            recent = accuracies(list(steps))
             bar.write(f"vision step {step + 1}: loss {float(loss.detach()):.4f}, training accuracy colour "
-                      f"{recent['colour']:.1%}, content {recent['content']:.1%}")
-    return {f"vision_accuracy_{k}": round(sum(v[-20:]) / max(1, len(v[-20:])), 4) for k, v in right.items()}
+                      f"{recent['colour']:.1%}, content {recent['content']:.1%} (shapes {recent['shape']:.1%}, "
+                      f"digits {recent['digit']:.1%})")
+    return {f"vision_accuracy_{k}": round(v, 4) for k, v in accuracies(list(steps)).items()}
+
+
+def accuracies(steps: list[dict]) -> dict:
+    """Each key's fraction of right answers over the given steps' pictures."""
+    return {k: sum(sum(s[k]) for s in steps) / max(1, sum(len(s[k]) for s in steps)) for k in steps[0]} if steps else {}
 
 
 def train_adapter(cfg: AdapterConfig) -> dict:
@@ -280,9 +290,14 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
     stage1 = pretrain_vision(adapter.vision, model.hf_config["hidden_size"], cfg, rng) if cfg.vision_steps else {}
-    opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
-    for g in opt.param_groups:
-        g["base_lr"] = cfg.lr
+    vision_lr = cfg.lr if cfg.tune_vision_lr is None else cfg.tune_vision_lr
+    adapter.vision.requires_grad_(vision_lr > 0)
+    opt = torch.optim.AdamW([{"params": [adapter.new_embeddings], "lr": cfg.lr, "base_lr": cfg.lr,
+                              "weight_decay": cfg.weight_decay}],
+                            betas=(0.9, 0.95), foreach=True)
+    if vision_lr > 0:
+        for g in param_groups(adapter.vision, cfg.weight_decay):
+            opt.add_param_group({**g, "lr": vision_lr, "base_lr": vision_lr})
     if cfg.host_lr > 0:
         model.llm.requires_grad_(True)
         for g in param_groups(model.llm, cfg.weight_decay):
@@ -341,7 +356,8 @@ def register(sub) -> None:
                            help="JSON object of vision_config keys")
             continue
         default = f.default
-        kind = int if isinstance(default, int) or f.name == "threads" else float if isinstance(default, float) else str
+        kind = (int if isinstance(default, int) or f.name == "threads" else
+                float if isinstance(default, float) or f.name.endswith("_lr") else str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"(default: {default})")
     p.set_defaults(func=_cmd)
