@@ -41,6 +41,17 @@ Questions it was trained on: "What shape is in the picture?", "What colour is th
 MIN_ACCURACY = 0.9
 
 
+def stage1_text(cfg: dict, summary: dict) -> str:
+    if not cfg.get("vision_steps"):
+        return ""
+    split = (f" (shapes {summary['vision_accuracy_shape']:.0%}, digits {summary['vision_accuracy_digit']:.0%})"
+             if "vision_accuracy_digit" in summary else "")
+    frozen = ", the tower kept frozen from then on" if cfg.get("tower_lr") == 0 else ""
+    return (f"{cfg['vision_steps']} steps of {cfg['vision_batch_size']} pictures teaching the vision module to "
+            f"classify colour and content (training accuracy colour {summary['vision_accuracy_colour']:.0%}, "
+            f"content {summary['vision_accuracy_content']:.0%}{split}){frozen}; then ")
+
+
 def main(run: str, dest: str) -> int:
     run, dest = Path(run), Path(dest)
     if not (run / "summary.json").is_file():
@@ -73,9 +84,7 @@ def main(run: str, dest: str) -> int:
         n=summary["questions"], acc=summary["accuracy"], per=per, examples=examples,
         host=(f"fine-tuned with the adapter at lr {cfg['host_lr']:g}, so its text answers differ from the chat "
               "model's" if cfg.get("host_lr") else "frozen, unchanged"),
-        stage1=(f"{cfg['vision_steps']} steps of {cfg['vision_batch_size']} pictures teaching the vision module to "
-                f"classify colour and content (training accuracy colour {summary['vision_accuracy_colour']:.0%}, "
-                f"content {summary['vision_accuracy_content']:.0%}), then " if cfg.get("vision_steps") else "")))
+        stage1=stage1_text(cfg, summary)))
     print(f"wrote {dest} (held-out accuracy {summary['accuracy']:.1%})")
     return 0
 

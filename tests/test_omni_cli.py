@@ -148,23 +148,27 @@ def test_image_adapter_with_host_training_updates_the_text_model(tiny_moe, tmp_p
     assert (ours[..., : theirs.shape[-1]] - theirs).abs().max().item() > 1e-3
 
 
-def test_tune_vision_lr_zero_keeps_the_vision_module_as_stage_1_left_it(tiny_moe, tmp_path):
-    """--tune-vision-lr 0 freezes the vision module in stage 2 (what stage 1 learned is kept);
-    by default stage 2 trains it too."""
+def test_tower_lr_zero_keeps_the_tower_as_stage_1_left_it(tiny_moe, tmp_path):
+    """--tower-lr 0 freezes the SigLIP tower in stage 2 (what stage 1 taught it is kept) while
+    the resampler trains; by default stage 2 trains the tower too."""
     import torch
 
     from megrez.train.image_adapter import AdapterConfig, build, train_adapter
 
-    def vision_after(tune):
+    def change_of(tune):
         cfg = AdapterConfig(base=str(tiny_moe), out=str(tmp_path / f"adapter-{tune}"), steps=2, batch_size=2,
-                            lr=1e-2, tune_vision_lr=tune, host_lr=1e-3, warmup_steps=1, eval_pictures=1,
+                            lr=1e-2, tower_lr=tune, host_lr=1e-3, warmup_steps=1, eval_pictures=1,
                             threads=1, export_dtype="float32", vision=TINY_VISION)
-        start = {k: v.clone() for k, v in build(cfg)[0].vision.state_dict().items()}
+        start = build(cfg)[0].vision.state_dict()
         trained = load_model(train_adapter(cfg)["final"], device="cpu").vision.state_dict()
-        return max((trained[k] - v).abs().max().item() for k, v in start.items())
+        change = {part: max((trained[k] - v).abs().max().item() for k, v in start.items() if k.startswith(part))
+                  for part in ("vpm.", "resampler.")}
+        return change["vpm."], change["resampler."]
 
-    assert vision_after(0.0) == 0.0
-    assert vision_after(None) > 1e-4
+    tower, resampler = change_of(0.0)
+    assert tower == 0.0 and resampler > 1e-4
+    tower, resampler = change_of(None)
+    assert tower > 1e-4 and resampler > 1e-4
 
 
 def test_the_language_model_runs_quantized_and_the_encoders_stay_float(tiny_omni):

@@ -49,7 +49,7 @@ class AdapterConfig:
     batch_size: int = 16
     lr: float = 2e-3                   # stage 2: the adapter
     host_lr: float = 0.0               # stage 2: the text model (0: frozen)
-    tune_vision_lr: float | None = None  # stage 2: the vision module (None: --lr; 0: frozen)
+    tower_lr: float | None = None      # stage 2: the SigLIP tower (None: --lr; 0: frozen)
     vision_steps: int = 0              # stage 1 (0: none)
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
@@ -290,14 +290,20 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
     stage1 = pretrain_vision(adapter.vision, model.hf_config["hidden_size"], cfg, rng) if cfg.vision_steps else {}
-    vision_lr = cfg.lr if cfg.tune_vision_lr is None else cfg.tune_vision_lr
-    adapter.vision.requires_grad_(vision_lr > 0)
-    opt = torch.optim.AdamW([{"params": [adapter.new_embeddings], "lr": cfg.lr, "base_lr": cfg.lr,
-                              "weight_decay": cfg.weight_decay}],
-                            betas=(0.9, 0.95), foreach=True)
-    if vision_lr > 0:
-        for g in param_groups(adapter.vision, cfg.weight_decay):
-            opt.add_param_group({**g, "lr": vision_lr, "base_lr": vision_lr})
+    # The adapter proper (the resampler and the delimiter embeddings) learns at lr; the tower,
+    # which stage 1 taught to see, at its own rate, or not at all: what a frozen tower learned
+    # to tell apart survives stage 2 (docs/omni.md).
+    tower, tower_lr = adapter.vision.vpm, cfg.lr if cfg.tower_lr is None else cfg.tower_lr
+    tower.requires_grad_(tower_lr > 0)
+    opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
+    for g in opt.param_groups:
+        g["base_lr"] = cfg.lr
+    if tower_lr > 0 and tower_lr != cfg.lr:
+        tower_params = set(map(id, tower.parameters()))
+        for g in opt.param_groups:
+            g["params"] = [p for p in g["params"] if id(p) not in tower_params]
+        for g in param_groups(tower, cfg.weight_decay):
+            opt.add_param_group({**g, "lr": tower_lr, "base_lr": tower_lr})
     if cfg.host_lr > 0:
         model.llm.requires_grad_(True)
         for g in param_groups(model.llm, cfg.weight_decay):

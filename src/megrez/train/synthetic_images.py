@@ -53,11 +53,16 @@ def make_picture(rng: random.Random, size: int = 112) -> Picture:
             draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=fill)
         return Picture(img, "shape", shape, colour)
     digit = rng.choice(DIGITS)
+    # Bold glyphs about ``extent`` tall: a digit's strokes span whole patches, as a shape does
+    # (thin strokes at the font's nominal size left digits barely learnable: docs/omni.md).
+    stroke = max(2, extent // 24)
     font = ImageFont.load_default(size=extent)
-    left, top, right, bottom = draw.textbbox((0, 0), digit, font=font)
+    left, top, right, bottom = draw.textbbox((0, 0), digit, font=font, stroke_width=stroke)
+    font = ImageFont.load_default(size=max(8, round(extent * extent / (bottom - top))))
+    left, top, right, bottom = draw.textbbox((0, 0), digit, font=font, stroke_width=stroke)
     cx = rng.randint(0, max(0, size - (right - left)))
     cy = rng.randint(0, max(0, size - (bottom - top)))
-    draw.text((cx - left, cy - top), digit, fill=fill, font=font)
+    draw.text((cx - left, cy - top), digit, fill=fill, font=font, stroke_width=stroke, stroke_fill=fill)
     return Picture(img, "digit", digit, colour)
 
 
