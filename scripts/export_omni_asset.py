@@ -44,7 +44,7 @@ MIN_ACCURACY = 0.9
 def stage1_text(cfg: dict, summary: dict) -> str:
     if not cfg.get("vision_steps"):
         return ""
-    split = (f" (shapes {summary['vision_accuracy_shape']:.0%}, digits {summary['vision_accuracy_digit']:.0%})"
+    split = (f": shapes {summary['vision_accuracy_shape']:.0%}, digits {summary['vision_accuracy_digit']:.0%}"
              if "vision_accuracy_digit" in summary else "")
     frozen = ", the tower kept frozen from then on" if cfg.get("tower_lr") == 0 else ""
     return (f"{cfg['vision_steps']} steps of {cfg['vision_batch_size']} pictures teaching the vision module to "

@@ -191,25 +191,34 @@ BUNDLED_OMNI = Path(__file__).resolve().parents[1] / "src" / "megrez" / "assets"
 
 @pytest.mark.skipif(not (BUNDLED_OMNI / "config.json").is_file(), reason="no bundled omni model")
 def test_bundled_omni_model_answers_about_a_picture_out_of_the_box(tmp_path):
-    """`megrez chat --image` without --model uses the bundled omni model; on fresh synthetic
-    pictures it names the colour of the shape."""
+    """`megrez chat --image` without --model uses the bundled omni model and answers about the
+    picture; on fresh synthetic pictures it names colours, shapes and digits (the asset's
+    README reports its held-out accuracy on more of them, at least 90%)."""
     import random
 
+    from megrez import LLM, SamplingParams
     from megrez.train.synthetic_images import make_picture
 
     rng = random.Random(123)
-    right = 0
-    for n in range(4):
-        pic = make_picture(rng)
-        while pic.kind != "shape":
-            pic = make_picture(rng)
-        pic.image.save(tmp_path / f"p{n}.png")
-        r = subprocess.run([sys.executable, "-m", "megrez.cli", "chat", "--image", str(tmp_path / f"p{n}.png"),
-                            "-t", "0", "--max-tokens", "6", "--threads", "1"], input="What colour is the shape?\n",
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
-        right += r.stdout.strip().splitlines()[-1].strip() == f"{pic.colour.capitalize()}."
-    assert right >= 3
+    pics = [make_picture(rng) for _ in range(20)]
+    shape = next(p for p in pics if p.kind == "shape")
+    shape.image.save(tmp_path / "shape.png")
+    r = subprocess.run([sys.executable, "-m", "megrez.cli", "chat", "--image", str(tmp_path / "shape.png"),
+                        "-t", "0", "--max-tokens", "6", "--threads", "1"], input="What colour is the shape?\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].strip() == f"{shape.colour.capitalize()}.", r.stdout
+
+    llm = LLM(BUNDLED_OMNI, device="cpu")
+    asked = [(p, q, a) for p in pics for q, a in p.questions()]
+    outs = llm.chat([[{"role": "user", "content": [{"type": "image", "image": p.image}, {"type": "text", "text": q}]}]
+                     for p, q, _ in asked], SamplingParams(temperature=0, max_tokens=8))
+    right = {"colour": [], "shape": [], "digit": []}
+    for (p, q, a), o in zip(asked, outs):
+        right["colour" if "colour" in q else p.kind].append(o.text.strip() == a)
+    assert all(right.values())
+    assert sum(map(sum, right.values())) >= 0.8 * len(asked), right
+    assert all(sum(v) >= 0.6 * len(v) for v in right.values()), right
 
 
 def test_adapter_loss_with_the_shared_prefix_equals_the_full_forward(tiny_moe, tmp_path):
