@@ -292,22 +292,17 @@ def train_adapter(cfg: AdapterConfig) -> dict:
     stage1 = pretrain_vision(adapter.vision, model.hf_config["hidden_size"], cfg, rng) if cfg.vision_steps else {}
     # The adapter proper (the resampler and the delimiter embeddings) learns at lr; the tower,
     # which stage 1 taught to see, at its own rate, or not at all: what a frozen tower learned
-    # to tell apart survives stage 2 (docs/omni.md).
-    tower, tower_lr = adapter.vision.vpm, cfg.lr if cfg.tower_lr is None else cfg.tower_lr
-    tower.requires_grad_(tower_lr > 0)
+    # to tell apart survives stage 2 (docs/omni.md). The text model likewise, at host_lr.
+    tower = adapter.vision.vpm
+    tower.requires_grad_(False)
     opt = build_optimizer(adapter, cfg.lr, cfg.weight_decay)
     for g in opt.param_groups:
         g["base_lr"] = cfg.lr
-    if tower_lr > 0 and tower_lr != cfg.lr:
-        tower_params = set(map(id, tower.parameters()))
-        for g in opt.param_groups:
-            g["params"] = [p for p in g["params"] if id(p) not in tower_params]
-        for g in param_groups(tower, cfg.weight_decay):
-            opt.add_param_group({**g, "lr": tower_lr, "base_lr": tower_lr})
-    if cfg.host_lr > 0:
-        model.llm.requires_grad_(True)
-        for g in param_groups(model.llm, cfg.weight_decay):
-            opt.add_param_group({**g, "lr": cfg.host_lr, "base_lr": cfg.host_lr})
+    for module, lr in ((tower, cfg.lr if cfg.tower_lr is None else cfg.tower_lr), (model.llm, cfg.host_lr)):
+        if lr > 0:
+            module.requires_grad_(True)
+            for g in param_groups(module, cfg.weight_decay):
+                opt.add_param_group({**g, "lr": lr, "base_lr": lr})
     trained = [p for g in opt.param_groups for p in g["params"]]
     log = []
     from tqdm import tqdm
@@ -362,8 +357,7 @@ def register(sub) -> None:
                            help="JSON object of vision_config keys")
             continue
         default = f.default
-        kind = (int if isinstance(default, int) or f.name == "threads" else
-                float if isinstance(default, float) or f.name.endswith("_lr") else str)
+        kind = int if "int" in f.type else float if "float" in f.type else str  # "float | None" too
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"(default: {default})")
     p.set_defaults(func=_cmd)
