@@ -29,8 +29,9 @@ triangle) or one coloured digit (0-9) on a light background, in red, green, blue
 - held-out accuracy (greedy, exact answer, {n} questions on fresh pictures, through the engine):
   **{acc:.1%}** overall; {per}.
 
-Questions it was trained on: "What shape is in the picture?", "What colour is the shape?",
-"What digit is in the picture?", "What colour is the digit?".
+Questions it was trained on, one per conversation: "What shape is in the picture?", "What colour
+is the shape?", "What digit is in the picture?", "What colour is the digit?". A follow-up
+question in the same conversation is outside what it learned (start a new chat per question).
 
 ```
 {examples}
