@@ -10,6 +10,15 @@
  * not, and only after MEGREZ_WAIT_US (default 500; 0 when OMP_WAIT_POLICY=passive) without
  * work do they sleep on a condition variable.
  *
+ * Where a thread takes its items: each phase's items are cut into one contiguous range per
+ * thread, and a thread claims chunks from its own range first, in ascending order, then from
+ * the others' (so a descheduled thread's range is still done by the rest). One contiguous
+ * stream of weight rows per thread is what the hardware prefetchers follow: with every
+ * thread claiming from one shared counter, the two threads of a 2-core machine took
+ * alternating chunks of each matrix, and a 590 KB Q4_K product read from memory (the size of
+ * a decoding layer's products) ran no faster on two threads than on one (26-28 against 28-29
+ * us; 18 us with contiguous ranges).
+ *
  * Publishing a job (a seqlock): the caller makes seq odd, waits until no worker is inside the
  * previous job, writes the job, makes seq even. A worker enters a job by incrementing active and
  * re-reading seq; if seq moved it leaves without reading the job. The caller does not wait for
@@ -37,6 +46,13 @@
 
 #define MAX_WORKERS 255
 #define SPIN_PAUSES 256 /* ~10 us of pause before yielding */
+#define MAX_RANGES 16   /* more threads than this share ranges */
+
+/* Items [next, end) of one thread's share of a phase, on a cache line of its own. */
+typedef struct {
+    _Alignas(64) _Atomic int64_t next;
+    int64_t end;
+} range;
 
 static struct {
     pthread_mutex_t run_lock; /* one job at a time (callers on several threads take turns) */
@@ -44,9 +60,11 @@ static struct {
     pthread_cond_t wake;
     _Atomic uint64_t seq;
     _Atomic int active, sleepers;
-    _Atomic int64_t next[MZ_MAX_PHASES], done[MZ_MAX_PHASES];
+    range ranges[MZ_MAX_PHASES][MAX_RANGES];
+    _Atomic int64_t done[MZ_MAX_PHASES];
     mz_job job;
     int allowed; /* workers that may join this job */
+    int nranges; /* of each phase in this job */
     int workers; /* started */
     int64_t wait_ns;
 } P = {.run_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
@@ -70,21 +88,25 @@ static inline void wait_a_little(waiter *w) {
     }
 }
 
-/* Runs the items this thread can claim, phase by phase. */
-static void work(void) {
+/* Runs the items this thread can claim, phase by phase: its own range (slot), then the others'. */
+static void work(int slot) {
     const mz_job *j = &P.job;
+    int nr = P.nranges;
     for (int p = 0; p < j->nphases; ++p) {
-        int64_t n = j->items[p], c = j->chunk[p] > 0 ? j->chunk[p] : 1;
-        for (;;) {
-            int64_t i = atomic_fetch_add(&P.next[p], c);
-            if (i >= n) break;
-            if (p > 0 && atomic_load(&P.done[p - 1]) < j->items[p - 1]) {
-                waiter w = {0};
-                while (atomic_load(&P.done[p - 1]) < j->items[p - 1]) wait_a_little(&w);
+        int64_t c = j->chunk[p] > 0 ? j->chunk[p] : 1;
+        for (int t = 0; t < nr; ++t) {
+            range *r = &P.ranges[p][(slot + t) % nr];
+            for (;;) {
+                int64_t i = atomic_fetch_add(&r->next, c);
+                if (i >= r->end) break;
+                if (p > 0 && atomic_load(&P.done[p - 1]) < j->items[p - 1]) {
+                    waiter w = {0};
+                    while (atomic_load(&P.done[p - 1]) < j->items[p - 1]) wait_a_little(&w);
+                }
+                int64_t e = i + c < r->end ? i + c : r->end;
+                for (int64_t k = i; k < e; ++k) j->run(j->ctx, p, k);
+                atomic_fetch_add(&P.done[p], e - i);
             }
-            int64_t e = i + c < n ? i + c : n;
-            for (int64_t k = i; k < e; ++k) j->run(j->ctx, p, k);
-            atomic_fetch_add(&P.done[p], e - i);
         }
     }
 }
@@ -118,7 +140,7 @@ static void *worker(void *arg) {
         }
         seen = s;
         atomic_fetch_add(&P.active, 1);
-        if (atomic_load(&P.seq) == s && id < P.allowed) work();
+        if (atomic_load(&P.seq) == s && id < P.allowed) work((id + 1) % P.nranges);
         atomic_fetch_sub(&P.active, 1);
     }
     return NULL;
@@ -187,8 +209,13 @@ void mz_run(const mz_job *job, int nthreads) {
     while (atomic_load(&P.active) > 0) wait_a_little(&w);
     P.job = *job;
     P.allowed = nthreads - 1;
+    P.nranges = nthreads < MAX_RANGES ? nthreads : MAX_RANGES;
     for (int p = 0; p < MZ_MAX_PHASES; ++p) {
-        atomic_store(&P.next[p], 0);
+        int64_t n = p < job->nphases ? job->items[p] : 0;
+        for (int r = 0; r < P.nranges; ++r) {
+            atomic_store(&P.ranges[p][r].next, n * r / P.nranges);
+            P.ranges[p][r].end = n * (r + 1) / P.nranges;
+        }
         atomic_store(&P.done[p], 0);
     }
     atomic_store(&P.seq, s + 2); /* published */
@@ -197,7 +224,7 @@ void mz_run(const mz_job *job, int nthreads) {
         pthread_cond_broadcast(&P.wake);
         pthread_mutex_unlock(&P.lock);
     }
-    work();
+    work(0);
     waiter v = {0};
     for (int p = 0; p < job->nphases; ++p)
         while (atomic_load(&P.done[p]) < job->items[p]) wait_a_little(&v);
