@@ -127,6 +127,32 @@ def test_decode_attention_row_alone_or_in_a_batch_and_any_thread_count(lib):
         assert torch.equal(run_step(alone)[0], outs[0][r:r + 1])
 
 
+@pytest.mark.parametrize("head_dim,n_heads", [(64, 8), (64, 6), (80, 16), (20, 4), (12, 6)])
+def test_every_build_variant_gives_the_same_bits(lib, monkeypatch, head_dim, n_heads):
+    """The float sums run in 16 lanes in one fixed order (lanes.h), whatever the instruction set:
+    shapes that take the register-held path (4 heads per KV head), fewer heads, head dims with a
+    partial group of vectors and with a remainder of 16."""
+    from megrez.kernels import build
+
+    step = make_step(7, head_dim, n_heads=n_heads)
+    x = torch.randn(3, 7 * head_dim + 5, generator=torch.Generator().manual_seed(head_dim))
+    w = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ["scalar"] + [v for v in build.runnable_variants() if v != "scalar"]:
+        try:
+            variant = build.load_variant(name)
+        except build.BuildError:
+            assert name != "scalar"
+            continue
+        decode_ops.declare(variant)
+        monkeypatch.setattr(decode_ops, "_lib", lambda v=variant: v)
+        with torch.no_grad():
+            results[name] = (*run_step(step), decode_ops.rms_norm(x, w, 1e-6))
+    assert len(results) >= 1
+    for name, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, results["scalar"])), name
+
+
 def test_decode_attention_refuses_a_block_outside_the_cache(lib):
     step = make_step(4, 16)
     step["tables"] = step["tables"].clone()

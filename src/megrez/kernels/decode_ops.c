@@ -82,38 +82,39 @@ static void exp_row(float *p, int64_t n) {
     }
 }
 
-/* The scores of R query heads against one key: R dot products side by side (R independent
- * chains of 16 lanes each, the key read once). */
-#define SCORES(R)                                                                                         \
-    static void scores_##R(const float *q, const float *k, int64_t hd, float scale, float *out,          \
-                           int64_t stride) {                                                              \
-        float l[R][LANES] = {{0}};                                                                        \
-        int64_t d = 0;                                                                                    \
-        for (; d + LANES <= hd; d += LANES)                                                               \
-            for (int j = 0; j < R; ++j)                                                                   \
-                for (int t = 0; t < LANES; ++t) l[j][t] += q[j * hd + d + t] * k[d + t];                  \
-        for (; d < hd; ++d)                                                                               \
-            for (int j = 0; j < R; ++j) l[j][0] += q[j * hd + d] * k[d];                                  \
-        for (int j = 0; j < R; ++j) {                                                                     \
-            for (int w = LANES / 2; w > 0; w /= 2)                                                        \
-                for (int t = 0; t < w; ++t) l[j][t] += l[j][t + w];                                       \
-            out[j * stride] = l[j][0] * scale;                                                            \
-        }                                                                                                 \
-    }
-SCORES(1)
-SCORES(2)
-SCORES(4)
-SCORES(8)
+/* Heads per pass over a group's values, and vectors of 16 of each head's outputs held at once:
+ * 4 x 4 accumulators fit AVX-512's 32 registers; AVX2's 16 hold 4 x 1 (two registers each). */
+#define VHEADS 4
+#if defined(__AVX512F__)
+#define VCHUNK 4
+#else
+#define VCHUNK 1
+#endif
 
-static void score_heads(const float *q, int64_t rep, const float *k, int64_t hd, float scale, float *out,
-                        int64_t stride) {
-    int64_t j = 0;
-    for (; j + 8 <= rep; j += 8) scores_8(q + j * hd, k, hd, scale, out + j * stride, stride);
-    for (; j + 4 <= rep; j += 4) scores_4(q + j * hd, k, hd, scale, out + j * stride, stride);
-    for (; j + 2 <= rep; j += 2) scores_2(q + j * hd, k, hd, scale, out + j * stride, stride);
-    for (; j < rep; ++j) scores_1(q + j * hd, k, hd, scale, out + j * stride, stride);
+/* o[j][d] = sum over keys s of p[j][s] * v_s[d] for heads j0..j0+nj-1 (nj <= VHEADS) and d in
+ * [d0, d0 + 16 * nv): per element from 0, keys in order, a multiply then an add. */
+static inline __attribute__((always_inline)) void weighted_values(const mz_decode_attention *a, int64_t r, int64_t g, const float *sc, int64_t ms,
+                            int64_t len, int nj, int64_t d0, int nv, float *o) {
+    int64_t hd = a->head_dim, bs = a->block_size;
+    v16 acc[VHEADS][VCHUNK];
+    for (int j = 0; j < nj; ++j)
+        for (int c = 0; c < nv; ++c) acc[j][c] = v16_zero();
+    for (int64_t s0 = 0; s0 < len; s0 += bs) {
+        const float *vb = slot(a, a->v_cache, r, g, s0) + d0;
+        int64_t n = len - s0 < bs ? len - s0 : bs;
+        for (int64_t i = 0; i < n; ++i) {
+            const float *v = vb + i * hd;
+            for (int j = 0; j < nj; ++j) {
+                v16 w = v16_set1(sc[j * ms + s0 + i]);
+                for (int c = 0; c < nv; ++c) acc[j][c] = v16_add(acc[j][c], v16_mul(w, v16_load(v + LANES * c)));
+            }
+        }
+    }
+    for (int j = 0; j < nj; ++j)
+        for (int c = 0; c < nv; ++c) v16_store(o + j * hd + d0 + LANES * c, acc[j][c]);
 }
 
+/* One (row, KV head): its rep query heads against the row's keys, in one fixed order. */
 static void attend(const call *c, int64_t r, int64_t g) {
     const mz_decode_attention *a = c->a;
     int64_t hd = a->head_dim, len = a->lengths[r], rep = a->n_heads / a->n_kv, ms = c->max_len;
@@ -121,11 +122,12 @@ static void attend(const call *c, int64_t r, int64_t g) {
     float *sc = c->scores + (r * a->n_heads + g * rep) * ms;
     float *o = a->out + (r * a->n_heads + g * rep) * hd; /* the group's heads are consecutive */
     int64_t bs = a->block_size;
-    /* keys block by block (no division per key) */
+    /* scores: keys block by block (no division per key), each key read once for the group */
     for (int64_t s0 = 0; s0 < len; s0 += bs) {
         const float *kb = slot(a, a->k_cache, r, g, s0);
         int64_t n = len - s0 < bs ? len - s0 : bs;
-        for (int64_t i = 0; i < n; ++i) score_heads(q, rep, kb + i * hd, hd, a->scale, sc + s0 + i, ms);
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < rep; ++j) sc[j * ms + s0 + i] = dot(q + j * hd, kb + i * hd, hd) * a->scale;
     }
     for (int64_t j = 0; j < rep; ++j) {
         float *p = sc + j * ms, m = -INFINITY;
@@ -133,23 +135,40 @@ static void attend(const call *c, int64_t r, int64_t g) {
         for (int64_t s = 0; s < len; ++s) p[s] -= m;
         exp_row(p, len);
     }
-    memset(o, 0, (size_t)(rep * hd) * sizeof(float));
-    for (int64_t s0 = 0; s0 < len; s0 += bs) { /* each value row read once for the group's heads */
-        const float *vb = slot(a, a->v_cache, r, g, s0);
-        int64_t n = len - s0 < bs ? len - s0 : bs;
-        for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < rep; ++j) {
-                float w = sc[j * ms + s0 + i], *oj = o + j * hd;
-                const float *v = vb + i * hd;
-                for (int64_t d = 0; d < hd; ++d) oj[d] += w * v[d];
+    for (int64_t j0 = 0; j0 < rep; j0 += VHEADS) {
+        int nj = (int)(rep - j0 < VHEADS ? rep - j0 : VHEADS);
+        const float *p = sc + j0 * ms;
+        float *oj = o + j0 * hd;
+        int64_t hd16 = hd / LANES * LANES;
+        for (int64_t d0 = 0; d0 < hd16; d0 += LANES * VCHUNK) {
+            int nv = (int)((hd16 - d0) / LANES < VCHUNK ? (hd16 - d0) / LANES : VCHUNK);
+            if (nj == VHEADS && nv == VCHUNK) /* constants: the accumulators stay in registers */
+                weighted_values(a, r, g, p, ms, len, VHEADS, d0, VCHUNK, oj);
+            else
+                weighted_values(a, r, g, p, ms, len, nj, d0, nv, oj);
+        }
+        for (int64_t d = hd16; d < hd; ++d) /* the last hd % 16 */
+            for (int j = 0; j < nj; ++j) {
+                float acc = 0.0f;
+                for (int64_t s0 = 0; s0 < len; s0 += bs) {
+                    const float *vb = slot(a, a->v_cache, r, g, s0);
+                    int64_t n = len - s0 < bs ? len - s0 : bs;
+                    for (int64_t i = 0; i < n; ++i) acc += p[j * ms + s0 + i] * vb[i * hd + d];
+                }
+                oj[j * hd + d] = acc;
             }
     }
-    for (int64_t j = 0; j < rep; ++j) {
-        const float *p = sc + j * ms;
-        float sum = 0.0f;
-        for (int64_t s = 0; s < len; ++s) sum += p[s];
-        float inv = 1.0f / sum, *oj = o + j * hd;
-        for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
+    /* the heads' sums side by side (one chain each, in key order) */
+    float sum[VHEADS];
+    for (int64_t j0 = 0; j0 < rep; j0 += VHEADS) {
+        int nj = (int)(rep - j0 < VHEADS ? rep - j0 : VHEADS);
+        for (int j = 0; j < nj; ++j) sum[j] = 0.0f;
+        for (int64_t s = 0; s < len; ++s)
+            for (int j = 0; j < nj; ++j) sum[j] += sc[(j0 + j) * ms + s];
+        for (int j = 0; j < nj; ++j) {
+            float inv = 1.0f / sum[j], *oj = o + (j0 + j) * hd;
+            for (int64_t d = 0; d < hd; ++d) oj[d] *= inv;
+        }
     }
 }
 
