@@ -3,6 +3,8 @@ the logits, the KV cache and the routing the hooks see are those of the layer-by
 for bit, with and without pre-gating, for each quantization scheme and routing rule; a replaced
 weight is picked up; the loop runs wherever the step does not apply; the engine decodes the
 same tokens through it."""
+import copy
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from megrez.kernels import moe_step
 from megrez.models import megrez_moe
 from megrez.models.cache import KVCache
 from megrez.presets import PRESETS
+from megrez.quant.formats import QuantTensor
 
 # Two sharing groups and a partial third (7 layers: dense, then 3 + 3), several shared experts,
 # rows wide enough for the K formats.
@@ -91,6 +94,21 @@ def test_a_replaced_weight_is_picked_up(lib, monkeypatch, shape):
     with torch.no_grad():
         router.weight.mul_(-1.0)  # in place: the plan's pointers see it
     assert_same_step(one_step(model, monkeypatch, True), one_step(model, monkeypatch, False))
+    # a quantized weight (a plain attribute, not a parameter), then a whole module, each alone
+    previous = one_step(model, monkeypatch, True)
+    q = model.layers[1].self_attn.q_proj
+    q.weight = QuantTensor(q.weight.data.flip(0).contiguous(), q.weight.qtype, q.weight.shape)
+    step = one_step(model, monkeypatch, True)
+    assert not torch.equal(previous[0], step[0])
+    assert_same_step(step, one_step(model, monkeypatch, False))
+    shared = model.layers[2].mlp.shared_experts
+    replacement = copy.deepcopy(shared)
+    down = replacement.down_proj.weight
+    down.data.copy_(down.data.flip(0))  # the same blocks in another row order
+    model.layers[2].mlp.shared_experts = replacement
+    again = one_step(model, monkeypatch, True)
+    assert not torch.equal(step[0], again[0])
+    assert_same_step(again, one_step(model, monkeypatch, False))
 
 
 def test_the_layer_loop_runs_where_the_step_does_not_apply(lib, monkeypatch, shape):

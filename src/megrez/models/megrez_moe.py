@@ -22,6 +22,7 @@ import torch
 from .. import kernels
 from ..quant.formats import QuantTensor
 from .base import _REQUIRED, MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, require, validate_common
+from . import structure
 from .moe import ExpertBank, MoeBlock, RoutingConfig, route_rows
 
 ROUTER_BIAS_CHOICES = ("own", "owner", "none")
@@ -130,7 +131,7 @@ class Model(TransformerLM):
         # Optional f(layer, weights, indices) -> (weights, indices) replacing the router's choice
         # (to replay a recorded expert-selection trace); runs before the hooks.
         self.routing_override = None
-        # (where its tensors are held, the settings it was built for, kernels.moe_step.Plan or None)
+        # (structure.count() when built, the settings it was built for, kernels.moe_step.Plan or None)
         self._step_plan = (None, None, None)
 
     def set_router_bias(self, mode: str) -> None:
@@ -207,21 +208,13 @@ class Model(TransformerLM):
         return h.view(1, 1, -1)
 
     def _plan_inputs(self) -> list:
-        """Where every module and tensor a decode plan points into is held: (dict, name, object)
-        triples, checked by identity each step (a replaced weight, module or bias rebuilds the
-        plan; dictionary lookups, not module attribute access, which costs more than a small
-        model's step)."""
-        slots = []
+        """Every module and tensor a decode plan points into (the plan keeps them alive)."""
+        held = []
 
         def hold(module, *names):
-            for n in names:
-                for d in (module.__dict__, module._parameters, module._buffers, module._modules):
-                    if n in d:
-                        slots.append((d, n, d[n]))
-                        break
-                else:
-                    slots.append((module.__dict__, n, None))
-            return [slots[i][2] for i in range(len(slots) - len(names), len(slots))]
+            objects = [getattr(module, n, None) for n in names]
+            held.extend(objects)
+            return objects
 
         (backbone,) = hold(self, "model")
         (layers,) = hold(backbone, "layers")
@@ -247,15 +240,16 @@ class Model(TransformerLM):
             elif type(mlp) is MLP:
                 for proj in hold(mlp, "gate_proj", "up_proj", "down_proj"):
                     hold(proj, "weight", "bias")
-        return slots
+        return held
 
     def _decode_plan(self):
+        # A replaced weight, bias or module anywhere changes structure.count(): the plan is built again.
         settings = (self.routing_cfg, self.args.router_bias, self.args.pre_gate, len(self.layers))
-        slots, built_for, plan = self._step_plan
-        if (slots is None or built_for != settings or any(d.get(n) is not o for d, n, o in slots)):
-            slots = self._plan_inputs()
-            plan = self._build_decode_plan(tuple(o for _, _, o in slots))
-            self._step_plan = (slots, settings, plan)
+        built_at, built_for, plan = self._step_plan
+        if built_at != structure.count() or built_for != settings:
+            built_at = structure.count()
+            plan = self._build_decode_plan(tuple(self._plan_inputs()))
+            self._step_plan = (built_at, settings, plan)
         return plan
 
     def _build_decode_plan(self, keep: tuple):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..models import structure
 from ..models.moe import ExpertBank
 from .formats import QType, QuantTensor, dequantize, row_bytes
 
@@ -25,7 +26,19 @@ def empty_quant(qtype: QType, shape: tuple[int, ...], device="cpu") -> QuantTens
     return QuantTensor(data, qtype, shape)
 
 
-class QuantLinear(nn.Module):
+class _CountsReplacedWeights:
+    """Assigning one of ``quant_tensors`` (plain attributes, which torch's registration hooks do
+    not see) counts as a change of the model's structure (models.structure)."""
+
+    quant_tensors: tuple[str, ...] = ()
+
+    def __setattr__(self, name, value):
+        if name in self.quant_tensors:
+            structure.changed()
+        super().__setattr__(name, value)
+
+
+class QuantLinear(_CountsReplacedWeights, nn.Module):
     """``y = x W^T + b`` with W a QuantTensor [out, in]; the bias stays a float parameter."""
 
     quant_tensors = ("weight",)
@@ -43,7 +56,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.qtype.name}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_CountsReplacedWeights, nn.Module):
     """Token embedding with a quantized table [vocab, hidden]: only the looked-up rows are
     dequantized."""
 
@@ -67,7 +80,7 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.weight.qtype.name}"
 
 
-class QuantExpertBank(ExpertBank):
+class QuantExpertBank(_CountsReplacedWeights, ExpertBank):
     """Routed experts stacked as QuantTensors gate/up [E, I, H], down [E, H, I]; indexing one gives
     the expert's matrices (views, nothing copied)."""
 
