@@ -117,6 +117,25 @@ static int64_t bytes_of(int qtype) {
 /* Activation scale block: 32 for the 32-wide formats, 256 for the K formats. */
 static int act_block(int qtype) { return block_of(qtype); }
 
+/* Where the AVX-512 Q4_K loops want a row's 8-bit activations: each 128 values as groups of 32
+ * in the order 0, 2, 1, 3, so that one 64-byte load of Q4_K quants (the low nibbles of groups
+ * 0 and 2, the high nibbles of 1 and 3) meets two contiguous 64-value runs of x. The integer
+ * sums are the same, so the same results; the 16-sums (s) stay in the natural order. */
+#if defined(MZ_AVX512)
+static int act_layout(int qtype) { return qtype == QT_Q4_K; }
+#else
+static int act_layout(int qtype) { (void)qtype; return 0; }
+#endif
+
+static void swap_middle_groups(int8_t *q, int64_t k) {
+    int8_t t[32];
+    for (int64_t i = 0; i + 128 <= k; i += 128) {
+        memcpy(t, q + i + 32, 32);
+        memcpy(q + i + 32, q + i + 64, 32);
+        memcpy(q + i + 64, t, 32);
+    }
+}
+
 /* ------------------------------------------------------------------ activation quantization */
 
 /* d = max|x| / 127 per block, q = round-half-even(x / d) in [-127, 127]; identical in every
@@ -548,24 +567,34 @@ INLINE void q5_0_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
     q4_0_family_rows(w, x, mc, nb, out, 1);
 }
 
+/* Half h of a Q4_K super-block: 64 bytes of quants as groups (4h, 4h + 2) and (4h + 1, 4h + 3),
+ * with their scales in the int16 lanes that maddubs gives each 32 values. x is in act_layout 1. */
+INLINE void q4_k_half(const uint8_t *qs, __m512i sc16, int h, __m512i *qa, __m512i *qb, __m512i *sa, __m512i *sb) {
+    const __m512i m4 = _mm512_set1_epi8(0xf);
+    __m512i raw = _mm512_loadu_si512((const void *)(qs + 64 * h));
+    *qa = _mm512_and_si512(raw, m4);
+    *qb = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+    *sa = _mm512_permutexvar_epi16(join256(_mm256_set1_epi16((short)(4 * h)), _mm256_set1_epi16((short)(4 * h + 2))), sc16);
+    *sb = _mm512_permutexvar_epi16(join256(_mm256_set1_epi16((short)(4 * h + 1)), _mm256_set1_epi16((short)(4 * h + 3))),
+                                   sc16);
+}
+
 INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float *out) {
     float acc[MAX_ROWS];
     for (int m = 0; m < mc; ++m) acc[m] = 0.0f;
-    const __m256i m4 = _mm256_set1_epi8(0xf);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + 144 * b, *qs = blk + 16;
         __m128i sm8 = q4_k_scales_mins(blk + 4);
         __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm8)); /* int16: sc0..7, m0..7 */
         __m512i sq[MAX_ROWS];
         for (int m = 0; m < mc; ++m) sq[m] = _mm512_setzero_si512();
-        for (int j = 0; j < 4; ++j) {
-            __m256i raw = loadu(qs + 32 * j);
-            __m512i q = join256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-            __m512i s16 = _mm512_permutexvar_epi16(
-                join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1))), sc16);
+        for (int h = 0; h < 2; ++h) {
+            __m512i qa, qb, sa, sb;
+            q4_k_half(qs, sc16, h, &qa, &qb, &sa, &sb);
             for (int m = 0; m < mc; ++m) {
-                __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512((const void *)(x[m].q + 256 * b + 64 * j)));
-                sq[m] = madd_acc512(sq[m], p, s16);
+                const int8_t *xq = x[m].q + 256 * b + 128 * h;
+                sq[m] = madd_acc512(sq[m], _mm512_maddubs_epi16(qa, _mm512_loadu_si512((const void *)xq)), sa);
+                sq[m] = madd_acc512(sq[m], _mm512_maddubs_epi16(qb, _mm512_loadu_si512((const void *)(xq + 64))), sb);
             }
         }
         for (int m = 0; m < mc; ++m) {
@@ -583,7 +612,6 @@ INLINE void q4_k_rows(const uint8_t *w, const act *x, int mc, int64_t nb, float 
  * (the same bits as q4_k_rows), so the horizontal sums and the scalar combine are paid once
  * for four rows. */
 INLINE void q4_k_rows4(const uint8_t *w, int64_t rb, const act *x, int64_t nb, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0xf);
     const __m128i mins = _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1);
     const __m128i at = _mm_setr_epi32(0, (int)rb, (int)(2 * rb), (int)(3 * rb));
     const __m256i halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -600,12 +628,11 @@ INLINE void q4_k_rows4(const uint8_t *w, int64_t rb, const act *x, int64_t nb, f
             __m128i sm8 = q4_k_scales_mins(blk + 4);
             __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm8));
             __m512i sq = _mm512_setzero_si512();
-            for (int j = 0; j < 4; ++j) {
-                __m256i raw = loadu(qs + 32 * j);
-                __m512i q = join256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-                __m512i s16 = _mm512_permutexvar_epi16(
-                    join256(_mm256_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1))), sc16);
-                sq = madd_acc512(sq, _mm512_maddubs_epi16(q, _mm512_loadu_si512((const void *)(xq + 64 * j))), s16);
+            for (int h = 0; h < 2; ++h) {
+                __m512i qa, qb, sa, sb;
+                q4_k_half(qs, sc16, h, &qa, &qb, &sa, &sb);
+                sq = madd_acc512(sq, _mm512_maddubs_epi16(qa, _mm512_loadu_si512((const void *)(xq + 128 * h))), sa);
+                sq = madd_acc512(sq, _mm512_maddubs_epi16(qb, _mm512_loadu_si512((const void *)(xq + 128 * h + 64))), sb);
             }
             tq[r] = _mm256_add_epi32(_mm512_castsi512_si256(sq), _mm512_extracti64x4_epi64(sq, 1));
             tm[r] = _mm_madd_epi16(_mm_shuffle_epi8(sm8, mins), x32);
@@ -857,7 +884,7 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 typedef struct {
     const float *x;
     int64_t m, k;
-    int bs;
+    int bs, layout; /* layout: act_layout */
     uint8_t *base;
     int64_t stride, q_bytes, d_bytes, s_bytes, d8_bytes; /* c8 and c0 take d8_bytes each too, after d8 */
 } act_slot;
@@ -877,13 +904,14 @@ static inline act act_row(const act_slot *s, int64_t r) {
 static int64_t plan_slots(int64_t count, const mz_product *p, act_slot *slots, int64_t *slot_of, int64_t *bytes) {
     int64_t ns = 0;
     for (int64_t i = 0; i < count; ++i) {
-        int bs = act_block(p[i].qtype);
+        int bs = act_block(p[i].qtype), layout = act_layout(p[i].qtype);
         int64_t j = 0;
-        while (j < ns && !(slots[j].x == p[i].x && slots[j].m == p[i].m && slots[j].k == p[i].k && slots[j].bs == bs))
+        while (j < ns && !(slots[j].x == p[i].x && slots[j].m == p[i].m && slots[j].k == p[i].k && slots[j].bs == bs &&
+                           slots[j].layout == layout))
             ++j;
         if (j == ns) {
             act_slot *s = &slots[ns++];
-            s->x = p[i].x, s->m = p[i].m, s->k = p[i].k, s->bs = bs;
+            s->x = p[i].x, s->m = p[i].m, s->k = p[i].k, s->bs = bs, s->layout = layout;
             s->q_bytes = ALIGN64(s->k);
             s->d_bytes = ALIGN64(4 * (s->k / bs));
             s->s_bytes = ALIGN64(2 * (s->k / 16));
@@ -952,6 +980,7 @@ static void quantize_item(const stage *st, int64_t r) {
     uint8_t *base = s->base + r * s->stride;
     quantize_row(s->x + r * s->k, s->k, s->bs, (int8_t *)base, (float *)(base + s->q_bytes),
                  (int16_t *)(base + s->q_bytes + s->d_bytes));
+    if (s->layout) swap_middle_groups((int8_t *)base, s->k);
     if (s->d8_bytes) {
         const float *d = (const float *)(base + s->q_bytes);
         float *d8 = (float *)(base + s->q_bytes + s->d_bytes + s->s_bytes);
