@@ -198,11 +198,17 @@ def sample_row(logits: torch.Tensor, r, logprobs: torch.Tensor | None = None) ->
     ``logits_processors``; ``logprobs`` [V] is the row's log-softmax when the request asked for
     logprobs."""
     p = r.params
+    processors = getattr(r, "logits_processors", ())
+    if (p.temperature == 0 and not p.logit_bias and not processors and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty and p.logprobs is None):
+        # Plain greedy: the argmax of the logits as they are (the float64 copy below would pick
+        # the same, first, maximum; it costs more than the choice in a small model's step).
+        return SampleResult(int(logits.argmax()))
     row = logits.double()  # a copy: the batch's logits stay untouched
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
-    for processor in getattr(r, "logits_processors", ()):
+    for processor in processors:
         processor(row)
     if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         before = row.clone()

@@ -1124,7 +1124,9 @@ int megrez_q_dequantize(int qtype, const uint8_t *w, int64_t rows, int64_t k, fl
     int bs = block_of(qtype);
     if (bs == 0 || k % bs) return -1;
     int64_t nb = k / bs, rb = bytes_of(qtype) * nb;
-#pragma omp parallel for schedule(static)
+    /* A decoding step's embedding row alone: an OpenMP region would wake its sleeping threads
+     * (tens of microseconds) for a microsecond of work. */
+#pragma omp parallel for schedule(static) if (mz_threads(rows * rb) > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t *row = w + r * rb;
         float *y = out + r * k;
