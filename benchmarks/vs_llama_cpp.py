@@ -28,7 +28,8 @@ With the llama-cpp-python bindings both engines share one process, so one policy
 
 Our decode also reports the time inside the matrix products (``kernels.linear``,
 ``linear_many`` and ``swiglu``, their Python wrappers included; a decoder layer run as one
-kernel call, ``decode_ops.decode_layer``, counts whole) per step: the rest of the step
+kernel call, ``decode_ops.decode_layer``, and a whole step in one call, ``moe_step.run``, count
+whole) per step: the rest of the step
 is the model's other torch operations and the engine's Python. ``--profile`` runs only our
 decode of each type under ``torch.profiler`` (the products marked as one range) and prints
 where a step's time goes; it needs no llama.cpp:
@@ -90,10 +91,11 @@ class ProductTimer:
     """Wall time inside the model's matrix products (the kernels module's entry points the
     models call, float and quantized), counted once where one calls another. A decoder layer
     that runs as one kernel call (quantized weights, ``decode_ops.decode_layer``) counts whole:
-    its norms and attention with its products."""
+    its norms and attention with its products; so does a whole decoding step in one call
+    (``moe_step.run``: every layer of a token)."""
 
     NAMES = ("linear", "linear_many", "swiglu", "experts_swiglu")
-    LAYER = "decode_layer"
+    CALLS = {"decode_layer": kernels.decode_ops, "run": kernels.moe_step}
 
     def __init__(self):
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, {}
@@ -112,16 +114,15 @@ class ProductTimer:
         return timed
 
     def __enter__(self):
-        for name in self.NAMES:
-            self._saved[name] = getattr(kernels, name)
-            setattr(kernels, name, self._wrap(self._saved[name]))
-        self._saved[self.LAYER] = getattr(kernels.decode_ops, self.LAYER)
-        setattr(kernels.decode_ops, self.LAYER, self._wrap(self._saved[self.LAYER]))
+        targets = [(kernels, name) for name in self.NAMES] + [(module, name) for name, module in self.CALLS.items()]
+        for module, name in targets:
+            self._saved[module, name] = getattr(module, name)
+            setattr(module, name, self._wrap(self._saved[module, name]))
         return self
 
     def __exit__(self, *exc):
-        for name, f in self._saved.items():
-            setattr(kernels.decode_ops if name == self.LAYER else kernels, name, f)
+        for (module, name), f in self._saved.items():
+            setattr(module, name, f)
 
 
 def ours(path: Path, threads: int, decode: int, prefill: int) -> dict:

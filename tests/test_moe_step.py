@@ -2,7 +2,7 @@
 the logits, the KV cache and the routing the hooks see are those of the layer-by-layer loop, bit
 for bit, with and without pre-gating, for each quantization scheme and routing rule; a replaced
 weight is picked up; the loop runs wherever the step does not apply; the engine decodes the
-same tokens through it."""
+same tokens through it; a Llama model (every layer dense) runs through it too."""
 import copy
 
 import pytest
@@ -23,7 +23,10 @@ SHAPE = {**PRESETS["megrez2-test"], "hidden_size": 256, "intermediate_size": 512
          "n_routed_experts": 16, "num_experts_per_tok": 3, "n_shared_experts": 2}
 
 
-WHOLE_STEP = megrez_moe.Model.decode_all_layers
+WHOLE_STEP = megrez_moe.Model.decode_all_layers  # TransformerLM's: Megrez2 and Llama alike
+# Megrez-3B's architecture, small: every layer dense, all in the one call
+LLAMA_SHAPE = {**PRESETS["llama-test"], "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
 
 @pytest.fixture
@@ -45,15 +48,16 @@ def one_step(model, monkeypatch, fused: bool, seed: int = 2, prompt: int = 11):
         model(torch.randint(0, model.args.vocab_size, (1, prompt), generator=g), cache.view([0], prompt, [table]))
         token = torch.randint(0, model.args.vocab_size, (1, 1), generator=g)
         calls = []
-        monkeypatch.setattr(megrez_moe.Model, "decode_all_layers",
+        monkeypatch.setattr(type(model), "decode_all_layers",
                             (lambda self, *a: calls.append(WHOLE_STEP(self, *a)) or calls[-1]) if fused else
                             (lambda self, *a: None))
         hook = lambda i, idx, w: seen.append((i, idx.clone(), w.clone()))  # noqa: E731
-        model.routing_hooks.append(hook)
+        hooks = getattr(model, "routing_hooks", [])  # a dense model has none
+        hooks.append(hook)
         try:
             logits = model(token, cache.view([prompt], 1, [table]))
         finally:
-            model.routing_hooks.remove(hook)
+            hooks.remove(hook)
     if fused:
         assert calls and calls[0] is not None, "the step did not run in one kernel call"
     return logits, [k.clone() for k in cache.k] + [v.clone() for v in cache.v], seen
@@ -160,3 +164,29 @@ def test_engine_decodes_the_same_tokens_through_the_step(lib, monkeypatch, shape
     assert len(calls) >= 15, "the engine did not decode through the whole-step kernel"
     assert stepped == generate(False)
     assert kernels.enabled
+
+
+@pytest.mark.parametrize("scheme", ["q4_k_m", "q8_0"])
+def test_a_llama_model_decodes_in_one_call_with_the_bits_of_the_layer_loop(lib, monkeypatch, scheme):
+    from megrez.engine.engine import Engine
+    from megrez.engine.sampling import SamplingParams
+
+    monkeypatch.setitem(PRESETS, "llama-step-test", LLAMA_SHAPE)
+    torch.manual_seed(0)
+    model = random_model("llama-step-test", torch.device("cpu"), torch.float32, quantization=scheme).eval()
+    assert_same_step(one_step(model, monkeypatch, True), one_step(model, monkeypatch, False))
+    monkeypatch.setattr(type(model), "decode_all_layers", WHOLE_STEP)  # one_step left the loop on
+    calls = []
+    real = moe_step.run
+    monkeypatch.setattr(moe_step, "run", lambda *a: calls.append(1) or real(*a))
+
+    def generate():
+        engine = Engine(model, None, max_num_seqs=1, max_model_len=64, kv_cache_memory=1 << 24)
+        req = engine.add_request(list(range(3, 20)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        engine.run_to_completion([req])
+        return req.output_ids
+
+    stepped = generate()
+    assert len(calls) >= 11, "the engine did not decode through the whole-step kernel"
+    monkeypatch.setattr(type(model), "decode_all_layers", lambda self, *a: None)
+    assert stepped == generate()

@@ -1,4 +1,5 @@
-/* A whole Megrez2 decoding step at one token, quantized weights: every decoder layer in one call.
+/* A whole decoding step at one token, quantized weights: every decoder layer in one call (Megrez2's
+ * dense and MoE layers; a Llama model's layers are all dense).
  *
  * Per layer i, the calls the model makes one by one (models/megrez_moe.py, run_layers), in
  * its order, so the same bits:

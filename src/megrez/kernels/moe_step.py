@@ -1,7 +1,8 @@
-"""A whole Megrez2 decoding step at one token with quantized weights in one kernel call
+"""A whole decoding step at one token with quantized weights in one kernel call
 (``moe_step.c``): each layer's attention half (and a dense layer's MLP), its routing and the
 pre-gated routing of the next layer, and its MoE products, in the order and with the bits of
-the model's layer-by-layer calls. The caller (``models.megrez_moe``) describes the layers once
+the model's layer-by-layer calls. The model (``models.megrez_moe``; ``models.llama``, whose
+layers are all dense) describes the layers once
 (:class:`StepLayer` from :func:`dense_layer` / :func:`moe_layer`) and runs :func:`run` per
 step."""
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import structure
 from ..quant.formats import QuantTensor
 
 
@@ -253,6 +254,15 @@ class DecoderLayer(nn.Module):
             return None
         return out[0].view(b, 1, -1), out[1].view(b, 1, -1)
 
+    def step_args(self, with_mlp: bool):
+        """This layer described for the one-call decode step (kernels.decode_ops.layer_args:
+        quantized attention, and with_mlp its SwiGLU MLP), or None where it does not apply."""
+        if (weights := self.quantized_weights(with_mlp)) is None:
+            return None
+        attn, norm1, norm2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        return kernels.decode_ops.layer_args(norm1.weight.shape[0], (norm1.weight, norm2.weight), norm1.eps, *weights,
+                                             attn.n_heads, attn.n_kv, attn.head_dim, attn.head_dim ** -0.5)
+
     def quantized_weights(self, with_mlp: bool):
         """((q, k, v, o), (gate, up, down) or None): this layer's QuantTensors for the decode
         kernels, or None where one is not quantized, a projection has a bias, or (``with_mlp``)
@@ -291,10 +301,63 @@ class TransformerLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(args.head_dim, args.rope_theta, args.rope_scaling)
+        # (structure.count() when built, the settings it was built for, kernels.moe_step.Plan or None)
+        self._step_plan = (None, None, None)
 
     @property
     def layers(self):
         return self.model.layers
+
+    # One decoding token in one kernel call. A subclass describes its layers for kernels.moe_step
+    # (_build_decode_plan, from the objects _plan_inputs holds) and calls decode_all_layers first
+    # in run_layers.
+    def decode_all_layers(self, h, ctx, cos, sin):
+        """One token (batch 1) with quantized weights on the CPU: every layer in one kernel call
+        (kernels.moe_step), the bits of the layer-by-layer loop; the routing hooks (MoE models)
+        are called after it, in layer order, with each layer's routing. None where it does not
+        apply (a routing override, offloaded experts, float weights, more than one token)."""
+        step = getattr(ctx, "step_cache", None)
+        if (step is None or h.shape[0] != 1 or h.shape[1] != 1 or getattr(self, "routing_override", None) is not None
+                or not kernels.enabled or torch.is_grad_enabled()):
+            return None
+        plan = self._decode_plan()
+        if plan is None:
+            return None
+        caches = [step(i) for i in range(len(self.layers))]
+        if any(c is None for c in caches):
+            return None
+        _, _, tables, lengths = caches[0]
+        out = kernels.moe_step.run(plan, h.view(1, -1), cos, sin, [c[0] for c in caches], [c[1] for c in caches],
+                                   tables, lengths)
+        if out is None:
+            return None
+        h, indices, weights = out
+        for i in plan.moe_layers:
+            for hook in self.routing_hooks:
+                hook(i, indices[i:i + 1], weights[i:i + 1])
+        return h.view(1, 1, -1)
+
+    def _decode_plan(self):
+        # A replaced weight, bias or module anywhere changes structure.count(): the plan is built again.
+        settings = self._plan_settings()
+        built_at, built_for, plan = self._step_plan
+        if built_at != structure.count() or built_for != settings:
+            built_at = structure.count()
+            plan = self._build_decode_plan(tuple(self._plan_inputs()))
+            self._step_plan = (built_at, settings, plan)
+        return plan
+
+    def _plan_settings(self) -> tuple:
+        """What a decode plan was built for besides the modules (a change rebuilds it)."""
+        return (len(self.layers),)
+
+    def _plan_inputs(self) -> list:
+        """Every module and tensor a decode plan points into (the plan keeps them alive)."""
+        return []
+
+    def _build_decode_plan(self, keep: tuple):
+        """The layers described for kernels.moe_step, or None (the layer loop runs)."""
+        return None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H]: what ``input_embeddings`` replaces (rows of it, for

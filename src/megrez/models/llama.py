@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import kernels
 from .base import _REQUIRED, MLP, BaseArgs, DecoderLayer, TransformerLM, require, validate_common
 
 
@@ -39,6 +40,9 @@ class Model(TransformerLM):
         super().__init__(args, layers)
 
     def run_layers(self, h, ctx, cos, sin):
+        fused = self.decode_all_layers(h, ctx, cos, sin)
+        if fused is not None:
+            return fused
         for layer in self.layers:
             if (fused := layer.decode_step(h, ctx, cos, sin, with_mlp=True)) is not None:
                 h = fused[0]
@@ -46,3 +50,21 @@ class Model(TransformerLM):
             h, y = layer.attention_block(h, ctx, cos, sin)
             h = h + layer.mlp(y)
         return h
+
+    def _plan_inputs(self) -> list:
+        held = []
+        for layer in self.layers:
+            held += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            for group in layer.quantized_weights(with_mlp=True) or ():
+                held += list(group or ())
+        return held
+
+    def _build_decode_plan(self, keep: tuple):
+        steps = []
+        for layer in self.layers:
+            if (att := layer.step_args(with_mlp=True)) is None:
+                return None
+            steps.append(kernels.moe_step.dense_layer(att, route_next=False))
+        a = self.args
+        # No MoE layer: the routing arguments (one expert, top-1) are never used.
+        return kernels.moe_step.Plan(steps, [], 1, 1, False, False, 1.0, a.num_key_value_heads, a.head_dim, keep)

@@ -22,7 +22,6 @@ import torch
 from .. import kernels
 from ..quant.formats import QuantTensor
 from .base import _REQUIRED, MLP, BaseArgs, ConfigError, DecoderLayer, TransformerLM, require, validate_common
-from . import structure
 from .moe import ExpertBank, MoeBlock, RoutingConfig, route_rows
 
 ROUTER_BIAS_CHOICES = ("own", "owner", "none")
@@ -131,8 +130,6 @@ class Model(TransformerLM):
         # Optional f(layer, weights, indices) -> (weights, indices) replacing the router's choice
         # (to replay a recorded expert-selection trace); runs before the hooks.
         self.routing_override = None
-        # (structure.count() when built, the settings it was built for, kernels.moe_step.Plan or None)
-        self._step_plan = (None, None, None)
 
     def set_router_bias(self, mode: str) -> None:
         if mode not in ROUTER_BIAS_CHOICES:
@@ -181,32 +178,6 @@ class Model(TransformerLM):
                 h = h + layer.mlp(y)
         return h
 
-    def decode_all_layers(self, h, ctx, cos, sin):
-        """One token (batch 1) with quantized weights on the CPU: every layer in one kernel call
-        (kernels.moe_step), the bits of the layer-by-layer loop below; the routing hooks are
-        called after it, in layer order, with each layer's routing. None where it does not apply
-        (a routing override, offloaded experts, float weights, more than one token)."""
-        step = getattr(ctx, "step_cache", None)
-        if (step is None or h.shape[0] != 1 or h.shape[1] != 1 or self.routing_override is not None
-                or not kernels.enabled or torch.is_grad_enabled()):
-            return None
-        plan = self._decode_plan()
-        if plan is None:
-            return None
-        caches = [step(i) for i in range(len(self.layers))]
-        if any(c is None for c in caches):
-            return None
-        _, _, tables, lengths = caches[0]
-        out = kernels.moe_step.run(plan, h.view(1, -1), cos, sin, [c[0] for c in caches], [c[1] for c in caches],
-                                   tables, lengths)
-        if out is None:
-            return None
-        h, indices, weights = out
-        for i in plan.moe_layers:
-            for hook in self.routing_hooks:
-                hook(i, indices[i:i + 1], weights[i:i + 1])
-        return h.view(1, 1, -1)
-
     def _plan_inputs(self) -> list:
         """Every module and tensor a decode plan points into (the plan keeps them alive)."""
         held = []
@@ -242,15 +213,8 @@ class Model(TransformerLM):
                     hold(proj, "weight", "bias")
         return held
 
-    def _decode_plan(self):
-        # A replaced weight, bias or module anywhere changes structure.count(): the plan is built again.
-        settings = (self.routing_cfg, self.args.router_bias, self.args.pre_gate, len(self.layers))
-        built_at, built_for, plan = self._step_plan
-        if built_at != structure.count() or built_for != settings:
-            built_at = structure.count()
-            plan = self._build_decode_plan(tuple(self._plan_inputs()))
-            self._step_plan = (built_at, settings, plan)
-        return plan
+    def _plan_settings(self) -> tuple:
+        return self.routing_cfg, self.args.router_bias, self.args.pre_gate, len(self.layers)
 
     def _build_decode_plan(self, keep: tuple):
         """The layers described for kernels.moe_step (holding ``keep``, the tensors it points
@@ -263,14 +227,9 @@ class Model(TransformerLM):
         n, hidden = len(self.layers), a.hidden_size
         step_layers, moe_layers = [], []
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            mlp = layer.mlp
             moe = a.is_moe(i)
-            if (weights := layer.quantized_weights(with_mlp=not moe)) is None:
-                return None
-            att = kernels.decode_ops.layer_args(
-                hidden, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight), layer.input_layernorm.eps,
-                *weights, attn.n_heads, attn.n_kv, attn.head_dim, attn.head_dim ** -0.5)
-            if att is None:
+            if (att := layer.step_args(with_mlp=not moe)) is None:
                 return None
             route_next = bool(a.pre_gate and i + 1 < n and a.is_moe(i + 1))
             if not moe:
