@@ -134,3 +134,4 @@ def test_fused_layers_benchmark_alternates_both_paths():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["fused_layer_calls"] == 2 * 2 * 4  # rounds x steps x the shape's 4 layers
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in out["ms_per_step"].values())
+

@@ -101,3 +101,14 @@ def test_a_malformed_wait_time_is_said_and_ignored(value, warned):
     assert ("ignoring MEGREZ_WAIT_US=" in r.stderr) == warned, r.stderr
     if warned:
         assert repr(value) in r.stderr and "whole number of microseconds" in r.stderr
+
+
+def test_the_read_probe_reads_every_value_once(lib):
+    """The bandwidth probe of the benchmarks (read_probe.c) sums what it reads: every value once,
+    whatever the streams per thread and the threads."""
+    for n in (0, 5, 1000, 100_003):
+        x = (torch.arange(n) % 7).float()  # small integers: every partial sum is exact in float32
+        for streams in (1, 2, 8):
+            for threads in (1, 2, 3):
+                assert lib.megrez_read_probe(x.data_ptr(), n, streams, threads) == float(x.sum()), (n, streams, threads)
+    assert lib.megrez_read_probe(x.data_ptr(), 10, 9, 1) == -1.0  # more streams than it walks

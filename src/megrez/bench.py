@@ -200,7 +200,8 @@ def best_time(fn, device, reps: int = 5) -> float:
 
 def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     """Bytes/s of the fastest pure reads we can issue over a buffer far larger than any cache:
-    a reduction, torch's matrix-vector product and (CPU) the decode kernel's."""
+    a reduction, torch's matrix-vector product and (CPU) the decode kernel's and a C read with
+    two streams per thread (kernels/read_probe.c)."""
     from . import kernels
 
     nbytes = nbytes or ((4 << 30) if device.type == "cuda" else (1 << 30))
@@ -212,6 +213,9 @@ def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> d
     if device.type == "cpu" and kernels.load() is not None:
         with torch.inference_mode():
             out["kernel"] = nbytes / best_time(lambda: kernels.linear(v, w), device)
+        lib = kernels.load()
+        threads = torch.get_num_threads()
+        out["streams"] = nbytes / best_time(lambda: lib.megrez_read_probe(x.data_ptr(), x.numel(), 2, threads), device)
     return {**out, "best": max(out.values())}
 
 

@@ -61,6 +61,8 @@ def load():
     decode_ops.declare(lib)
     routing.declare(lib)
     moe_step.declare(lib)
+    lib.megrez_read_probe.argtypes = [ptr, i64, c_int, c_int]
+    lib.megrez_read_probe.restype = ctypes.c_float
     _lib, _state = lib, "loaded"
     return lib
 

@@ -30,6 +30,7 @@ POOL = HERE / "pool.c"
 DECODE_OPS = HERE / "decode_ops.c"
 ROUTING = HERE / "routing.c"
 MOE_STEP = HERE / "moe_step.c"
+READ_PROBE = HERE / "read_probe.c"
 HEADERS = [HERE / "pool.h", HERE / "products.h", HERE / "decode_ops.h", HERE / "routing.h",
            HERE / "lanes.h"]  # part of the cache key: the sources include them
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -85,7 +86,7 @@ def _compiler_id(cc: str) -> str:
 
 
 def sources(variant: Variant) -> list[Path]:
-    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS, ROUTING, MOE_STEP]
+    common = [QUANTIZED, QUANTIZE, POOL, DECODE_OPS, ROUTING, MOE_STEP, READ_PROBE]
     return [*common, FLOAT] if variant.float_kernels else common
 
 
