@@ -125,13 +125,14 @@ def test_bench_offload_storage_tier_keeps_tokens_identical(tmp_path):
 
 
 def test_fused_layers_benchmark_alternates_both_paths():
-    """benchmarks/fused_layers.py times decode steps with the layers fused and module by module,
-    and the fused rounds really ran fused."""
+    """benchmarks/fused_layers.py times decode steps as one call, with the layers fused and module
+    by module, and each kind of round really ran that way."""
     script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "fused_layers.py")
     r = timing.run([sys.executable, script, "--shape", "llama-test", "--quantization", "q8_0", "--rounds", "2",
                     "--steps", "2", "--threads", "1"], timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["whole_step_calls"] == 2 * 2  # rounds x steps
     assert out["fused_layer_calls"] == 2 * 2 * 4  # rounds x steps x the shape's 4 layers
+    assert set(out["ms_per_step"]) == {"step", "layers", "modules"}
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in out["ms_per_step"].values())
-
