@@ -14,8 +14,9 @@ values.
 
 Rounds are interleaved (each round: bandwidth probe, then every scheme) and the best round of
 each scheme is reported, with its fraction of the same round's bandwidth probe. "kernel ms"
-is the time spent inside the quantized kernel calls during decode; the rest of a step is
-attention, norms, routing and Python. The last line is one JSON object.
+is the time spent inside the quantized kernel calls (the whole-step call included) over the
+run, the prompt's prefill included, per decode step: with long prompts and few steps it exceeds
+the step. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -31,20 +32,21 @@ import torch
 
 from megrez import kernels
 from megrez.bench import best_time, device_name, fill_random_blocks, measure_read_bandwidth, random_model, run_case
+from megrez.kernels import moe_step
 from megrez.kernels import quantized as kq
 from megrez.quant.formats import QType
 from megrez.quant.modules import empty_quant
 
 
 class KernelTimer:
-    """Time inside the quantized kernel calls (wraps their entry points: the products' and a
-    decoding token's whole MoE layer's)."""
+    """Time inside the quantized kernel calls (wraps their entry points: the products', a
+    decoding token's whole MoE layer's and a whole decoding step's, every layer in one call)."""
 
-    NAMES = ("_run", "moe_token")
+    NAMES = ((kq, "_run"), (kq, "moe_token"), (moe_step, "run"))
 
     def __init__(self):
         self.seconds, self.calls = 0.0, 0
-        self._real = {name: getattr(kq, name) for name in self.NAMES}
+        self._real = {(module, name): getattr(module, name) for module, name in self.NAMES}
 
     def __enter__(self):
         def timed(real):
@@ -56,13 +58,13 @@ class KernelTimer:
                     self.seconds += time.perf_counter() - t
                     self.calls += 1
             return call
-        for name, real in self._real.items():
-            setattr(kq, name, timed(real))
+        for (module, name), real in self._real.items():
+            setattr(module, name, timed(real))
         return self
 
     def __exit__(self, *exc):
-        for name, real in self._real.items():
-            setattr(kq, name, real)
+        for (module, name), real in self._real.items():
+            setattr(module, name, real)
 
 
 def prefill_products(m: int, threads: int) -> list[dict]:
