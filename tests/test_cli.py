@@ -53,6 +53,7 @@ def test_chat_with_piped_stdin_keeps_history(tiny_moe):
 
 @pytest.mark.parametrize("args,message", [
     (["generate", "x", "--model", "/no/such/dir"], "/no/such/dir: no such directory"),
+    (["generate", "x", "--model", "/no/such/model.gguf"], "/no/such/model.gguf: no such GGUF file"),
     (["generate", "x", "--temperature", "-1"], "temperature: must be a number in [0, 100]"),
     (["generate", "--prompt-ids", "1,a", "x"], "either PROMPT or --prompt-ids"),
     (["info", "/no/such/dir"], "no such directory"),

@@ -37,7 +37,8 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             raise CheckpointError(f"{path}: no config.json in this directory; is it a Hugging Face checkpoint?")
         return path
     if not HUB_ID.match(str(name)):
-        raise CheckpointError(f"{name}: no such directory (and not a hub id of the form 'org/name')")
+        what = "GGUF file" if path.suffix.lower() == ".gguf" else "directory"
+        raise CheckpointError(f"{name}: no such {what} (and not a hub id of the form 'org/name')")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
