@@ -57,6 +57,8 @@ def test_chat_with_piped_stdin_keeps_history(tiny_moe):
     (["generate", "x", "--temperature", "-1"], "temperature: must be a number in [0, 100]"),
     (["generate", "--prompt-ids", "1,a", "x"], "either PROMPT or --prompt-ids"),
     (["info", "/no/such/dir"], "no such directory"),
+    (["bench-offload", "--tier", "storage", "--shape", "megrez2-mini", "--scratch-dir", "/no/such/dir"],
+     "--scratch-dir /no/such/dir: no such directory"),
 ])
 def test_bad_arguments_give_one_line_errors(args, message, tiny_moe):
     r = megrez(*args)

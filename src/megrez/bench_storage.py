@@ -372,6 +372,8 @@ def bench_storage(a) -> dict:
     try:
         if ckpt is None or not (ckpt / "config.json").is_file():
             if ckpt is None:
+                if a.scratch_dir is not None and not Path(a.scratch_dir).is_dir():
+                    raise ValueError(f"--scratch-dir {a.scratch_dir}: no such directory")
                 scratch = Path(tempfile.mkdtemp(prefix="megrez-bench-storage-", dir=a.scratch_dir))
                 ckpt = scratch / a.shape
             where = ckpt.parent if ckpt.parent.exists() else Path.cwd()
