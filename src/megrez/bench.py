@@ -210,10 +210,9 @@ def measure_read_bandwidth(device: torch.device, nbytes: int | None = None) -> d
     w = x.view(-1, 4096)
     v = torch.ones(1, 4096, dtype=torch.float32, device=device)
     out["matvec"] = nbytes / best_time(lambda: torch.mv(w, v[0]), device)
-    if device.type == "cpu" and kernels.load() is not None:
+    if device.type == "cpu" and (lib := kernels.load()) is not None:
         with torch.inference_mode():
             out["kernel"] = nbytes / best_time(lambda: kernels.linear(v, w), device)
-        lib = kernels.load()
         threads = torch.get_num_threads()
         out["streams"] = nbytes / best_time(lambda: lib.megrez_read_probe(x.data_ptr(), x.numel(), 2, threads), device)
     return {**out, "best": max(out.values())}

@@ -309,8 +309,7 @@ class TransformerLM(nn.Module):
         return self.model.layers
 
     # One decoding token in one kernel call. A subclass describes its layers for kernels.moe_step
-    # (_build_decode_plan, from the objects _plan_inputs holds) and calls decode_all_layers first
-    # in run_layers.
+    # (_build_decode_plan) and calls decode_all_layers first in run_layers.
     def decode_all_layers(self, h, ctx, cos, sin):
         """One token (batch 1) with quantized weights on the CPU: every layer in one kernel call
         (kernels.moe_step), the bits of the layer-by-layer loop; the routing hooks (MoE models)
@@ -352,8 +351,13 @@ class TransformerLM(nn.Module):
         return (len(self.layers),)
 
     def _plan_inputs(self) -> list:
-        """Every module and tensor a decode plan points into (the plan keeps them alive)."""
-        return []
+        """Every module, parameter, buffer and quantized weight the model holds now: whatever a
+        decode plan points into is among them (the plan keeps them alive until it is rebuilt)."""
+        held = []
+        for module in self.modules():
+            held += [module, *module._parameters.values(), *module._buffers.values()]
+            held += [v for v in vars(module).values() if isinstance(v, QuantTensor)]
+        return held
 
     def _build_decode_plan(self, keep: tuple):
         """The layers described for kernels.moe_step, or None (the layer loop runs)."""

@@ -51,14 +51,6 @@ class Model(TransformerLM):
             h = h + layer.mlp(y)
         return h
 
-    def _plan_inputs(self) -> list:
-        held = []
-        for layer in self.layers:
-            held += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            for group in layer.quantized_weights(with_mlp=True) or ():
-                held += list(group or ())
-        return held
-
     def _build_decode_plan(self, keep: tuple):
         steps = []
         for layer in self.layers:

@@ -178,41 +178,6 @@ class Model(TransformerLM):
                 h = h + layer.mlp(y)
         return h
 
-    def _plan_inputs(self) -> list:
-        """Every module and tensor a decode plan points into (the plan keeps them alive)."""
-        held = []
-
-        def hold(module, *names):
-            objects = [getattr(module, n, None) for n in names]
-            held.extend(objects)
-            return objects
-
-        (backbone,) = hold(self, "model")
-        (layers,) = hold(backbone, "layers")
-        for i in range(len(layers)):
-            layer, = hold(layers, str(i))
-            attn, mlp, n1, n2 = hold(layer, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-            hold(n1, "weight")
-            hold(n2, "weight")
-            for proj in hold(attn, "q_proj", "k_proj", "v_proj", "o_proj"):
-                hold(proj, "weight", "bias")
-            if type(mlp) is MoeBlock:
-                gate, shared = hold(mlp, "gate", "shared_experts")
-                hold(gate, "weight", "e_score_correction_bias")
-                owner, = hold(layers, str(self.args.owner(i)))
-                owner_mlp, = hold(owner, "mlp")
-                bank, = hold(owner_mlp, "experts")
-                hold(bank, "gate_proj", "up_proj", "down_proj")
-                if self.args.router_bias == "owner":
-                    hold(hold(owner_mlp, "gate")[0], "e_score_correction_bias")
-                if shared is not None:
-                    for proj in hold(shared, "gate_proj", "up_proj", "down_proj"):
-                        hold(proj, "weight", "bias")
-            elif type(mlp) is MLP:
-                for proj in hold(mlp, "gate_proj", "up_proj", "down_proj"):
-                    hold(proj, "weight", "bias")
-        return held
-
     def _plan_settings(self) -> tuple:
         return self.routing_cfg, self.args.router_bias, self.args.pre_gate, len(self.layers)
 
